@@ -1,0 +1,262 @@
+"""Normalise an FP32 ONNX model so that quantization sees one canonical form.
+
+Exporters disagree on how they write the same network: PaddlePaddle stores
+weights as Constant nodes, PyTorch leaves BatchNormalization after every Conv,
+old exports use opsets that cannot express per-channel Q/DQ. Each pass here
+removes one of those differences. Graph passes are functions
+``gs.Graph -> gs.Graph`` (they may modify the graph in place and return it, in
+the style of onnx-graphsurgeon's ``cleanup().toposort()``); passes that need the
+whole model (opset conversion, shape inference) take and return a ModelProto.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from trtq.errors import ModelError
+from trtq.graph.surgery import replace_uses
+
+log = logging.getLogger(__name__)
+
+#: Per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute) needs opset 13.
+MIN_OPSET = 13
+#: Constant folding never materialises a tensor larger than this (e.g. a huge ConstantOfShape).
+FOLD_SIZE_LIMIT_BYTES = 64 << 20
+#: Ops whose constant inputs must stay as they are: folding DequantizeLinear(int8 weight)
+#: would silently turn an explicitly quantized weight back into float.
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}
+
+GraphPass = Callable[[gs.Graph], gs.Graph]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ("" / "ai.onnx") operator set the model imports."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return int(opset.version)
+    raise ModelError("the model imports no default ONNX opset", "re-export the model")
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
+    """Convert a model whose opset is below ``target`` with onnx's version converter.
+
+    Models at or above ``target`` are returned unchanged: converting upwards
+    needlessly only risks the converter's gaps.
+    """
+    current = default_opset(model)
+    if current >= target:
+        return model
+    log.info("upgrading opset %d -> %d", current, target)
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot convert the model from opset {current} to {target}: {first}",
+            f"re-export it with opset >= {target} (per-channel quantization needs it)",
+        ) from exc
+
+
+def constants_to_initializers(graph: gs.Graph) -> gs.Graph:
+    """Replace Constant nodes by initializers, in the graph and its subgraphs.
+
+    Weight detection (for per-channel scales) and BatchNorm folding look for
+    initializers; PaddlePaddle and some TF converters emit weights as Constant
+    nodes instead. A Constant whose output is a graph output stays a node,
+    because ONNX graph outputs cannot be initializers.
+    """
+    for subgraph in _graphs(graph):
+        for node in [n for n in subgraph.nodes if n.op == "Constant"]:
+            output = node.outputs[0]
+            if output in subgraph.outputs:
+                continue
+            value = _constant_node_value(node)
+            if value is None:  # sparse_value: rare, left for ONNX Runtime to handle
+                continue
+            node.outputs.clear()
+            replace_uses(output, gs.Constant(output.name, value))
+        subgraph.cleanup()
+    return graph
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        return np.asarray(attrs["value"].values)
+    scalar_kinds = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
+    for key, dtype in scalar_kinds.items():
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    if "value_string" in attrs or "value_strings" in attrs:
+        return np.asarray(attrs.get("value_string", attrs.get("value_strings")), dtype=object)
+    return None
+
+
+def remove_identities(graph: gs.Graph) -> gs.Graph:
+    """Bypass Identity nodes so that patterns (Conv -> BN, weight -> Conv) are adjacent.
+
+    An Identity that produces a graph output is kept, so output names survive.
+    """
+    for node in [n for n in graph.nodes if n.op == "Identity"]:
+        source, output = node.inputs[0], node.outputs[0]
+        if output in graph.outputs:
+            continue
+        node.outputs.clear()
+        replace_uses(output, source)
+    return graph.cleanup()
+
+
+def fold_batchnorm(graph: gs.Graph) -> gs.Graph:
+    """Fold inference-mode BatchNormalization into the Conv/ConvTranspose before it.
+
+    Per-channel weight scales must be computed on the weights TensorRT will
+    actually run, i.e. after the BN scale is multiplied in; TensorRT fuses
+    Conv+BN itself, so leaving BN in place would quantize the wrong weights.
+    """
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        conv = _foldable_producer(bn, graph)
+        if conv is None:
+            continue
+        scale, shift, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
+        factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        weight = conv.inputs[1].values
+        bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros_like(mean)
+        new_weight = _scale_output_channels(conv, weight.astype(np.float64), factor)
+        new_bias = (bias.astype(np.float64) - mean) * factor + shift
+        # Tensor names are unique in a graph; node names need not be (or exist).
+        prefix, dtype = bn.outputs[0].name, weight.dtype
+        conv.inputs[1] = gs.Constant(f"{prefix}_folded_weight", new_weight.astype(dtype))
+        bias_tensor = gs.Constant(f"{prefix}_folded_bias", new_bias.astype(dtype))
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = bias_tensor
+        else:
+            conv.inputs.append(bias_tensor)
+        folded_output = bn.outputs[0]
+        bn.outputs.clear()
+        conv.outputs[0] = folded_output
+    return graph.cleanup()
+
+
+def _foldable_producer(bn: gs.Node, graph: gs.Graph) -> gs.Node | None:
+    """The Conv/ConvTranspose feeding ``bn`` if folding is exact and safe, else None."""
+    if len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0):
+        return None
+    if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+        return None
+    data = bn.inputs[0]
+    if len(data.inputs) != 1 or len(data.outputs) != 1 or data in graph.outputs:
+        return None
+    conv = data.inputs[0]
+    if conv.op not in ("Conv", "ConvTranspose") or not isinstance(conv.inputs[1], gs.Constant):
+        return None
+    if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
+        return None
+    if not np.issubdtype(conv.inputs[1].values.dtype, np.floating):
+        return None
+    return conv
+
+
+def _scale_output_channels(conv: gs.Node, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Multiply each output channel of a Conv/ConvTranspose weight by ``factor``.
+
+    Conv weights are [C_out, C_in/g, k...]; ConvTranspose weights are
+    [C_in, C_out/g, k...], where output channel ``c`` of group ``g`` sits at
+    column ``c mod (C_out/g)`` of the rows belonging to group ``g``.
+    """
+    kernel_rank = weight.ndim - 2
+    if conv.op == "Conv":
+        return weight * factor.reshape(-1, *([1] * (kernel_rank + 1)))
+    groups = int(conv.attrs.get("group", 1))
+    c_in, c_out_per_group = weight.shape[:2]
+    grouped = weight.reshape(groups, c_in // groups, c_out_per_group, *weight.shape[2:])
+    grouped = grouped * factor.reshape(groups, 1, c_out_per_group, *([1] * kernel_rank))
+    return grouped.reshape(weight.shape)
+
+
+def fold_constants(graph: gs.Graph) -> gs.Graph:
+    """Evaluate subgraphs that depend only on constants (with ONNX Runtime, via graphsurgeon).
+
+    Turns Transpose(weight), Reshape(weight), Shape arithmetic on static dims
+    and the like into initializers, so a MatMul's weight is recognisable as a
+    weight. Q/DQ nodes are never folded, and no tensor above
+    :data:`FOLD_SIZE_LIMIT_BYTES` is materialised.
+    """
+    graph.fold_constants(
+        size_threshold=FOLD_SIZE_LIMIT_BYTES,
+        should_exclude_node=lambda node: node.op in _NEVER_FOLD,
+    )
+    return graph.cleanup()
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run ONNX shape inference; models over protobuf's 2 GB limit go through a file."""
+    try:
+        if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
+            onnx.save(model, src, save_as_external_data=True, location="in.data")
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+            return onnx.load(dst)
+    except onnx.shape_inference.InferenceError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(
+            f"ONNX shape inference failed: {first}", "check the model with onnx.checker"
+        ) from exc
+
+
+#: The graph passes of :func:`normalize`, in order: constants first so that the
+#: later passes see weights as initializers.
+GRAPH_PASSES: tuple[GraphPass, ...] = (
+    constants_to_initializers,
+    remove_identities,
+    fold_constants,
+    fold_batchnorm,
+)
+
+
+def normalize(
+    model: onnx.ModelProto, passes: tuple[GraphPass, ...] = GRAPH_PASSES
+) -> onnx.ModelProto:
+    """Apply every normalisation pass: opset upgrade, graph passes, shape inference."""
+    model = upgrade_opset(model)
+    graph = gs.import_onnx(model)
+    for graph_pass in passes:
+        log.debug("pass %s", graph_pass.__name__)
+        graph = graph_pass(graph)
+    return infer_shapes(export(graph, like=model))
+
+
+def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph, keeping the model-level fields graphsurgeon does not carry."""
+    model = gs.export_onnx(graph.cleanup().toposort())
+    model.ir_version = like.ir_version
+    model.producer_name, model.producer_version = like.producer_name, like.producer_version
+    model.doc_string = like.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def _graphs(graph: gs.Graph):
+    """The graph and, recursively, every subgraph in If/Loop/Scan attributes."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subgraphs = attr if isinstance(attr, list) else [attr]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    yield from _graphs(sub)

@@ -1,0 +1,1 @@
+"""Reports: fidelity metrics (accuracy, agreement) shared by the CLI and the demo."""
