@@ -1,0 +1,247 @@
+"""Run the FP32 model on calibration batches and stream activations into histograms.
+
+The tensors to observe are added as extra graph outputs and ONNX Runtime runs
+the model one batch at a time; each returned activation is folded into its
+:class:`~trtq.calib.histogram.Histogram` and dropped at once, so memory does
+not grow with the number of batches. When the activations of one batch would
+exceed ``max_memory``, the tensors are split into groups and the data is
+streamed once per group: more passes, bounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+from tqdm import tqdm
+
+from trtq.calib.histogram import DEFAULT_BINS, Histogram
+from trtq.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray]
+
+
+@dataclass
+class Collection:
+    """What one calibration run saw."""
+
+    histograms: dict[str, Histogram]
+    num_batches: int
+    num_samples: int
+    passes: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (1-based) of ``count``: batches i with i % count == index - 1."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match or not 1 <= int(match[1]) <= int(match[2]):
+            raise UserError(f"bad --shard {text!r}", "write K/N with 1 <= K <= N, e.g. --shard 2/4")
+        return cls(int(match[1]), int(match[2]))
+
+    def owns(self, batch_index: int) -> bool:
+        return batch_index % self.count == self.index - 1
+
+
+def parse_memory(text: str) -> int:
+    """'512M', '4G', '1.5GiB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise UserError(f"bad memory size {text!r}", "write it like 512M or 4G")
+    factor = 1024 ** " kmgt".index(match[2] or " ")
+    return int(float(match[1]) * factor)
+
+
+def collect(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    batches: Iterable[Batch],
+    *,
+    bins: int = DEFAULT_BINS,
+    max_memory: int | None = None,
+    providers: Sequence[str] | None = None,
+    shard: Shard | None = None,
+    progress: bool = True,
+) -> Collection:
+    """Histograms of ``tensors`` over every batch (of this shard), in bounded memory."""
+    input_names = {v.name for v in model.graph.input}
+    outputs = [t for t in tensors if t not in input_names]
+    groups = plan_groups(model, outputs, batches, max_memory)
+    histograms = {name: Histogram.empty(bins) for name in tensors}
+    total_batches = _len_or_none(batches)
+    num_batches = num_samples = 0
+    with tqdm(
+        total=None if total_batches is None else total_batches * max(len(groups), 1),
+        unit="batch",
+        desc="calibrating",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for group_index, group in enumerate(groups or [[]]):
+            session = _session(model, group, providers) if group else None
+            first_pass = group_index == 0
+            for batch_index, batch in enumerate(batches):
+                bar.update(1)
+                if shard and not shard.owns(batch_index):
+                    continue
+                if first_pass:
+                    num_batches += 1
+                    num_samples += len(next(iter(batch.values())))
+                    for name in input_names & histograms.keys():
+                        histograms[name].update(batch[name])
+                if session is not None:
+                    feeds = {name: batch[name] for name in _session_inputs(session)}
+                    for name, value in zip(group, session.run(group, feeds), strict=True):
+                        histograms[name].update(value)
+    if num_batches == 0:
+        raise UserError("no calibration batches were read", "check the data source and --shard")
+    log.info(
+        "calibrated %d tensors on %d samples (%d batches, %d pass%s)",
+        len(tensors),
+        num_samples,
+        num_batches,
+        max(len(groups), 1),
+        "" if len(groups) <= 1 else "es",
+    )
+    return Collection(histograms, num_batches, num_samples, max(len(groups), 1))
+
+
+def plan_groups(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    batches: Iterable[Batch],
+    max_memory: int | None,
+) -> list[list[str]]:
+    """Split ``tensors`` so that one batch's activations of each group fit ``max_memory``.
+
+    Sizes come from shape inference, with symbolic dims (batch, sequence
+    length…) resolved from the first batch; a dim that cannot be resolved counts
+    as 1 and is logged. No budget: one group.
+    """
+    if not tensors:
+        return []
+    if max_memory is None:
+        return [list(tensors)]
+    first = next(iter(batches), None)
+    sizes = _estimate_bytes(model, tensors, first or {})
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in tensors:
+        size = sizes[name]
+        if size > max_memory:
+            log.warning(
+                "tensor %s alone needs ~%d MiB per batch, over --max-memory", name, size >> 20
+            )
+        if groups[-1] and used + size > max_memory:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    log.info(
+        "--max-memory: %d tensors in %d groups (one pass over the data each)",
+        len(tensors),
+        len(groups),
+    )
+    return groups
+
+
+def _estimate_bytes(model: onnx.ModelProto, tensors: Sequence[str], batch: Batch) -> dict[str, int]:
+    symbols: dict[str, int] = {}
+    for value in model.graph.input:
+        if value.name in batch:
+            dims = value.type.tensor_type.shape.dim
+            for dim, actual in zip(dims, np.shape(batch[value.name]), strict=False):
+                if dim.dim_param:
+                    symbols[dim.dim_param] = int(actual)
+    infos = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
+    sizes = {}
+    for name in tensors:
+        info = infos.get(name)
+        if info is None or not info.type.tensor_type.HasField("shape"):
+            log.debug("no shape known for %s; counting it as 1 element", name)
+            sizes[name] = 4
+            continue
+        elements = 1
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                elements *= dim.dim_value
+            elif dim.dim_param in symbols:
+                elements *= symbols[dim.dim_param]
+        itemsize = np.dtype(
+            helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+        ).itemsize
+        sizes[name] = elements * itemsize
+    return sizes
+
+
+def _session(
+    model: onnx.ModelProto, outputs: Sequence[str], providers: Sequence[str] | None
+) -> ort.InferenceSession:
+    """An ONNX Runtime session whose graph outputs are exactly ``outputs``."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    types = {v.name: v.type for v in (*model.graph.value_info, *model.graph.output)}
+    del exposed.graph.output[:]
+    for name in outputs:
+        value = onnx.ValueInfoProto(name=name)
+        if name in types:
+            value.type.CopyFrom(types[name])
+        else:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        exposed.graph.output.append(value)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # The arena keeps the largest batch's buffers forever; calibration wants memory back.
+    options.enable_cpu_mem_arena = False
+    chosen = resolve_providers(providers)
+    if exposed.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+        return ort.InferenceSession(exposed.SerializeToString(), options, providers=chosen)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "model.onnx")
+        onnx.save(exposed, path, save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(str(path), options, providers=chosen)
+
+
+def resolve_providers(requested: Sequence[str] | None) -> list[str]:
+    """Check requested ONNX Runtime providers (short names like 'cuda' allowed); default CPU."""
+    available = ort.get_available_providers()
+    if not requested:
+        return ["CPUExecutionProvider"]
+    chosen = []
+    for name in requested:
+        full = name if name.endswith("ExecutionProvider") else f"{name.upper()}ExecutionProvider"
+        match = next((p for p in available if p.lower() == full.lower()), None)
+        if match is None:
+            raise UserError(
+                f"ONNX Runtime provider {name!r} is not available here",
+                f"choose from: {', '.join(available)}",
+            )
+        chosen.append(match)
+    return chosen
+
+
+def _session_inputs(session: ort.InferenceSession) -> list[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+def _len_or_none(batches: Iterable[Batch]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
