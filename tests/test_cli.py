@@ -47,7 +47,7 @@ def test_every_subcommand_has_help_with_defaults(command, capsys):
     out = capsys.readouterr().out
     assert f"usage: trtq {command}" in out
     assert "--debug" in out and "--verbose" in out
-    assert "example:" in out
+    assert "example" in out
 
 
 def test_console_script_runs_as_module(mnist_model):

@@ -89,8 +89,7 @@ class TrtCache:
         header = _HEADER.fullmatch(lines[0].strip()) if lines else None
         if header is None:
             hint = (
-                "this looks like ONNX Runtime's calibration.cache (decimal ranges), "
-                "not TensorRT's"
+                "this looks like ONNX Runtime's calibration.cache (decimal ranges), not TensorRT's"
                 if lines and re.search(r"\d\.\d", lines[0])
                 else "expected a first line like TRT-101303-EntropyCalibration2"
             )
@@ -116,7 +115,9 @@ class TrtCache:
         except FileNotFoundError as exc:
             raise DataError(f"calibration cache not found: {path}", "check the path") from exc
         except UnicodeDecodeError as exc:
-            raise DataError(f"{path} is not a text calibration cache", "pass a .cache file") from exc
+            raise DataError(
+                f"{path} is not a text calibration cache", "pass a .cache file"
+            ) from exc
         return cls.parse(text, str(path))
 
 
@@ -173,7 +174,9 @@ class CalibrationStats:
                 shard=data.get("shard"),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{path} is a corrupt trtq stats file ({exc})", "regenerate it") from exc
+            raise DataError(
+                f"{path} is a corrupt trtq stats file ({exc})", "regenerate it"
+            ) from exc
 
 
 def merge_stats(parts: list[CalibrationStats], sources: list[str]) -> CalibrationStats:

@@ -31,3 +31,48 @@ def add_command(subparsers, name: str, run, *, help: str, description: str, pare
 def print_json(payload: dict) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that shape calibration or evaluation data: batch size, limit, image preprocessing."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples per batch (default: the model's fixed batch dim, else 8)",
+    )
+    group.add_argument("--limit", type=int, help="use at most this many samples")
+    images = parser.add_argument_group("image folders")
+    images.add_argument(
+        "--resize",
+        metavar="HxW",
+        help="resize images to HEIGHTxWIDTH (default: model's fixed dims)",
+    )
+    images.add_argument(
+        "--mean", help="per-channel mean after --scale, e.g. 0.485,0.456,0.406 (default: 0)"
+    )
+    images.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225 (default: 1)")
+    images.add_argument("--scale", help="pixel multiplier applied first (default: 1/255)")
+    images.add_argument(
+        "--layout", choices=("NCHW", "NHWC"), help="default: from the model input shape"
+    )
+    images.add_argument(
+        "--color", choices=("RGB", "BGR", "GRAY"), help="default: GRAY for 1 channel, else RGB"
+    )
+
+
+def open_data(args: argparse.Namespace, source: str, inputs):
+    """Open ``source`` as batches for ``inputs`` with the flags of :func:`add_data_arguments`."""
+    from trtq.calib.data import ImagePreprocess, open_batches
+
+    preprocess = ImagePreprocess.parse(
+        resize=args.resize,
+        mean=args.mean,
+        std=args.std,
+        scale=args.scale,
+        layout=args.layout,
+        color=args.color,
+    )
+    return open_batches(
+        source, inputs, batch_size=args.batch_size, limit=args.limit, preprocess=preprocess
+    )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from trtq.cli.common import add_command, print_json
+import numpy as np
+
+from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
 from trtq.graph.inspect import ModelSummary, summarize
 from trtq.graph.load import load_model
 
@@ -16,21 +18,54 @@ def add_parser(subparsers, parents) -> None:
         run,
         help="describe an ONNX model",
         description="Print a model's inputs and outputs, opset, op histogram and whether it "
-        "is already quantized.",
-        epilog="example:\n  trtq inspect calib_data/mnist_cnn.onnx --json",
+        "is already quantized. With --data, read the data as calibration would and check "
+        "it against the model's inputs (names, shapes, dtypes, NaN/Inf).",
+        epilog="examples:\n  trtq inspect calib_data/mnist_cnn.onnx --json\n"
+        "  trtq inspect calib_data/mnist_cnn.onnx --data calib_data/mnist_calib.npz",
         parents=parents,
     )
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+    parser.add_argument("--data", help="calibration data to check against the model")
+    add_data_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     summary = summarize(load_model(args.model))
+    data = check_data(args, summary) if args.data else None
     if args.json:
-        print_json({"model": args.model, **summary.to_json()})
-    else:
-        print(format_summary(args.model, summary))
+        print_json({"model": args.model, **summary.to_json(), **({"data": data} if data else {})})
+        return 0
+    print(format_summary(args.model, summary))
+    if data:
+        print(f"{'data':<10} {data['description']}: ok")
+        for name, stats in data["inputs"].items():
+            low, high = stats["min"], stats["max"]
+            print(f"{'':<10} {name}: {stats['dtype']} {stats['shape']}, values {low:g} .. {high:g}")
     return 0
+
+
+def check_data(args: argparse.Namespace, summary: ModelSummary) -> dict:
+    """Read every batch (each is validated as it is read) and summarise the values per input."""
+    source = open_data(args, args.data, summary.inputs)
+    seen: dict[str, dict] = {}
+    batches = samples = 0
+    for batch in source:
+        batches += 1
+        samples += len(next(iter(batch.values())))
+        for name, array in batch.items():
+            entry = seen.setdefault(
+                name, {"dtype": str(array.dtype), "shape": "x".join(map(str, array.shape))}
+            )
+            low, high = (float(np.min(array)), float(np.max(array))) if array.size else (0, 0)
+            entry["min"] = min(entry.get("min", low), low)
+            entry["max"] = max(entry.get("max", high), high)
+    return {
+        "description": source.description,
+        "batches": batches,
+        "samples": samples,
+        "inputs": seen,
+    }
 
 
 def format_summary(name: str, summary: ModelSummary) -> str:
