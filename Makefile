@@ -19,6 +19,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
+	$(VENV)/bin/trtq inspect calib_data/mnist_cnn.onnx --data calib_data/mnist_calib.npz
 	$(PY) scripts/demo.py
 
 lint: $(VENV)/.dev-installed

@@ -53,7 +53,7 @@ def test_reads_a_cache_written_by_tensorrt_8():
 
 
 def test_foreign_and_corrupt_caches(tmp_path):
-    with pytest.raises(DataError, match="ONNX Runtime's calibration.cache"):
+    with pytest.raises(DataError, match=r"ONNX Runtime's calibration\.cache"):
         TrtCache.parse("conv1_out 0.0 12.5\n", "ort.cache")
     with pytest.raises(DataError, match="not a TensorRT calibration cache"):
         TrtCache.parse("", "empty.cache")

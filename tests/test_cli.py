@@ -6,8 +6,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import onnx
 import pytest
 from helpers import assert_equivalent
+from onnx import TensorProto, helper
 
 from trtq import __version__
 from trtq.cli import build_parser, main
@@ -137,3 +140,80 @@ def test_unknown_flag_exits_2(capsys, mnist_model):
         main(["inspect", str(mnist_model), "--no-such-flag"])
     assert info.value.code == EXIT_USER_ERROR
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_inspect_checks_data(mnist_model, capsys):
+    code, out, _ = trtq(
+        capsys, "inspect", mnist_model, "--data", "calib_data/mnist_calib.npz", "--batch-size", "50"
+    )
+    assert code == 0
+    assert "500 samples in 10 batches" in out and ": ok" in out
+    assert "input: float32 50x1x28x28, values 0 .. 255" in out
+
+
+def test_inspect_data_json(mnist_model, capsys):
+    code, out, _ = trtq(
+        capsys, "inspect", mnist_model, "--data", "calib_data/mnist_test.npz", "--json"
+    )
+    assert code == 0
+    data = json.loads(out)["data"]
+    assert data["samples"] == 1000 and data["inputs"]["input"]["max"] == 255.0
+
+
+def two_input_model(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["image", "bias"], ["y"])],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["N", 3, 8, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_wrong_input_name(capsys, tmp_path):
+    model = two_input_model(tmp_path)
+    data = tmp_path / "d.npz"
+    np.savez(
+        data, image=np.zeros((2, 3, 8, 8), np.float32), bais=np.zeros((2, 3, 8, 8), np.float32)
+    )
+    code, _, err = trtq(capsys, "inspect", model, "--data", data)
+    assert code == EXIT_USER_ERROR
+    assert_one_line_error(err, "'bias'", "bais")
+
+
+def test_shape_mismatch(capsys, mnist_model, tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.zeros((4, 1, 32, 32), np.uint8))
+    code, _, err = trtq(capsys, "inspect", mnist_model, "--data", data)
+    assert code == EXIT_USER_ERROR
+    assert_one_line_error(err, "input 'input'", "1x28x28", "32x32")
+
+
+def test_empty_data_folder(capsys, mnist_model, tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    code, _, err = trtq(capsys, "inspect", mnist_model, "--data", folder)
+    assert code == EXIT_USER_ERROR
+    assert_one_line_error(err, "calib")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_data(capsys, mnist_model, tmp_path, bad):
+    images = np.ones((4, 1, 28, 28), np.float32)
+    images[2, 0, 5, 5] = bad
+    data = tmp_path / "d.npy"
+    np.save(data, images)
+    code, _, err = trtq(capsys, "inspect", mnist_model, "--data", data)
+    assert code == EXIT_USER_ERROR
+    assert_one_line_error(err, "input 'input'", "NaN" if np.isnan(bad) else "Inf")
+
+
+def test_missing_data(capsys, mnist_model, tmp_path):
+    code, _, err = trtq(capsys, "inspect", mnist_model, "--data", tmp_path / "nope")
+    assert code == EXIT_USER_ERROR
+    assert_one_line_error(err, "data not found")

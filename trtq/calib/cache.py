@@ -160,7 +160,7 @@ class CalibrationStats:
             raise DataError(f"{path} is not a trtq stats file", "write it with trtq calibrate -o")
         if data.get("version") != STATS_VERSION:
             raise DataError(
-                f"{path} has stats format version {data.get('version')}, this trtq reads {STATS_VERSION}",
+                f"{path} has stats format {data.get('version')}; this trtq reads {STATS_VERSION}",
                 "regenerate it with this trtq",
             )
         try:
