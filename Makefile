@@ -23,8 +23,8 @@ demo: $(VENV)/.demo-installed
 	$(PY) scripts/demo.py
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check trtq tests scripts bench
-	$(VENV)/bin/ruff format --check trtq tests scripts bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: lint
 	$(PY) -m pytest
