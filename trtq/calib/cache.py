@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtq.calib.histogram import Histogram
+from trtq.calib.ranges import TensorRange
 from trtq.errors import DataError
 from trtq.fileio import write_text
 
@@ -129,7 +130,7 @@ class CalibrationStats:
     num_samples: int
     num_batches: int
     model_sha256: str
-    ranges: dict[str, dict] = field(default_factory=dict)
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
     shard: str | None = None
 
     def to_json(self) -> dict:
@@ -140,7 +141,7 @@ class CalibrationStats:
             "num_samples": self.num_samples,
             "num_batches": self.num_batches,
             "shard": self.shard,
-            "ranges": self.ranges,
+            "ranges": {name: r.to_json() for name, r in self.ranges.items()},
             "histograms": {name: h.to_json() for name, h in self.histograms.items()},
         }
 
@@ -170,13 +171,23 @@ class CalibrationStats:
                 num_samples=int(data["num_samples"]),
                 num_batches=int(data["num_batches"]),
                 model_sha256=str(data["model_sha256"]),
-                ranges=dict(data.get("ranges") or {}),
+                ranges={n: _range_from_json(r) for n, r in (data.get("ranges") or {}).items()},
                 shard=data.get("shard"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(
                 f"{path} is a corrupt trtq stats file ({exc})", "regenerate it"
             ) from exc
+
+
+def _range_from_json(data: dict) -> TensorRange:
+    return TensorRange(
+        name=str(data["name"]),
+        amax=float(data["amax"]),
+        method=str(data["method"]),
+        quantizable=bool(data["quantizable"]),
+        reason=data.get("reason"),
+    )
 
 
 def merge_stats(parts: list[CalibrationStats], sources: list[str]) -> CalibrationStats:

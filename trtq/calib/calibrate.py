@@ -60,15 +60,15 @@ def calibrate(
         shard=f"{shard.index}/{shard.count}" if shard else None,
     )
     if shard is None:
-        stats.ranges = {r.name: r.to_json() for r in choose_ranges(stats, method, percentile)}
+        stats.ranges = choose_ranges(stats, method, percentile)
     return stats
 
 
 def choose_ranges(
     stats: CalibrationStats, method: str = "entropy", percentile: float = 99.99
-) -> list[TensorRange]:
+) -> dict[str, TensorRange]:
     """One range per observed tensor, in the order they were observed."""
-    return [
-        compute_range(name, hist, method, percentile=percentile)
+    return {
+        name: compute_range(name, hist, method, percentile=percentile)
         for name, hist in stats.histograms.items()
-    ]
+    }

@@ -81,12 +81,15 @@ def run(args: argparse.Namespace) -> int:
         if args.model or args.calib or args.shard:
             raise UserError("--merge takes only stats files", "drop MODEL, --calib and --shard")
         stats = merge_stats([CalibrationStats.read(p) for p in args.merge], args.merge)
+        stats.ranges = choose_ranges(stats, args.method, args.percentile)
     else:
         if not args.model or not args.calib:
             raise UserError("calibrate needs MODEL and --calib DATA", "or --merge STATS...")
         if args.cache and args.shard:
             raise UserError("a shard cannot write a cache", "merge the shards, then write it")
-        model = normalize(_checked(load_model(args.model)))
+        model = load_model(args.model)
+        check_model(model)
+        model = normalize(model)
         batches = open_data(args, args.calib, model_inputs(model))
         tensors_kind = args.tensors or ("all" if args.cache else "quantizable")
         tensors = float_activations(model) if tensors_kind == "all" else compute_op_inputs(model)
@@ -102,14 +105,12 @@ def run(args: argparse.Namespace) -> int:
             shard=args.shard,
             progress=not args.no_progress,
         )
-    ranges = [] if stats.shard else choose_ranges(stats, args.method, args.percentile)
-    stats.ranges = {r.name: r.to_json() for r in ranges}
     stats.write(args.output)
-    skipped = [r for r in ranges if not r.quantizable]
-    for r in skipped:
-        log.warning("%s: not quantizable: %s", r.name, r.reason)
+    for r in stats.ranges.values():
+        if not r.quantizable:
+            log.warning("%s: not quantizable: %s", r.name, r.reason)
     if args.cache:
-        amax = {r.name: r.amax for r in ranges if r.quantizable}
+        amax = {r.name: r.amax for r in stats.ranges.values() if r.quantizable}
         TrtCache.from_amax(amax, method=args.method, trt_version=args.trt_version).write(args.cache)
         log.info("wrote TensorRT calibration cache %s (%d tensors)", args.cache, len(amax))
     log.info(
@@ -120,8 +121,3 @@ def run(args: argparse.Namespace) -> int:
         f", shard {stats.shard}" if stats.shard else f", method {args.method}",
     )
     return 0
-
-
-def _checked(model):
-    check_model(model)
-    return model

@@ -1,0 +1,288 @@
+"""Choosing an activation's range (amax) from its streaming |x| histogram.
+
+TensorRT quantizes symmetrically: ``q = round(x / scale)`` clamped to [-127, 127] with
+``scale = amax / 127``. Everything here picks ``amax`` from a
+:class:`~trtq.calib.histogram.Histogram` (counts of |x| over [0, range) in equal bins,
+plus the exact running max), so no activation has to be kept. Every threshold is a bin
+upper edge ``k * width``, capped at the exact max (an edge can overshoot the largest
+value by up to one bin).
+
+``max``
+    The exact largest |x|: nothing is clipped, but one outlier stretches the scale.
+``percentile``
+    The smallest bin edge below which ``percentile`` % of the values lie: clips a fixed
+    share of the tail whatever its shape.
+``entropy``
+    TensorRT's ``IInt8EntropyCalibrator2`` search (NVIDIA, GTC 2017, "8-bit inference
+    with TensorRT"): for each candidate ``i`` in 128…bins, P is the first ``i`` bins with
+    the clipped tail added to the last of them; Q is the same ``i`` bins (without the
+    tail) merged into 128 levels and spread back evenly over each level's non-empty
+    bins; amax is the upper edge of the ``i`` whose KL(P‖Q) is smallest. This is the
+    information lost by clipping at bin ``i`` and quantizing to 128 magnitudes.
+``mse``
+    The threshold ``t`` that minimises the expected squared error: every unclipped value
+    costs the uniform rounding error ``s²/12`` with ``s = t / 127``, every clipped one
+    ``(x - t)²`` (``x`` its bin centre).
+
+The entropy search is vectorised over all candidates with prefix sums. With
+``p = counts / N``, ``t_j`` the mass of level ``j``, ``n_j`` its number of non-empty
+bins, ``o`` the clipped tail mass, ``s = 1 - o`` the mass Q is normalised by, and ``ℓ``
+the last level (it holds bin ``i-1``):
+
+* P's entropy term is a prefix sum: ``Σ_{k<i-1} p_k log p_k + (p_{i-1} + o) log(p_{i-1} + o)``;
+* every non-empty bin of level ``j`` has ``q = t_j / (n_j s)``, so
+  ``Σ P log Q = Σ_j t_j log(t_j / n_j) + o log(t_ℓ / n_ℓ) - log s``, each ``t_j`` and
+  ``n_j`` a difference of two prefix sums;
+* ``KL = Σ P log P - Σ P log Q``, infinite when ``o > 0`` but bin ``i-1`` is empty (P
+  has mass there and Q none).
+
+Working with probabilities keeps each term below ``log(bins)`` in size, so the
+rounding noise of the prefix sums is ~1e-14; candidates within ``_KL_TIE`` of the
+minimum count as ties and the smallest ``i`` wins, as in the published algorithm
+(an exactly represented run of KL = 0 would otherwise be split by that noise).
+
+Degenerate tensors never give a zero, negative or non-finite scale: :func:`safe_amax`
+maps those to 1.0 (any scale represents an all-zero tensor exactly), and a tensor with
+NaN or sentinel values (attention-mask fills) is marked not quantizable and left in float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import overload
+
+import numpy as np
+
+from trtq.calib.histogram import SENTINEL_ABS, Histogram
+from trtq.errors import UserError
+
+METHODS = ("entropy", "percentile", "max", "mse")
+#: Largest INT8 magnitude: symmetric quantization maps amax to 127 (and -amax to -127).
+INT8_MAX = 127
+#: The smallest amax handed out: tiny, but amax / 127 stays a normal float32.
+MIN_AMAX = 2.0**-64
+#: KL values closer than this to the minimum are ties (prefix-sum noise is ~1e-14).
+_KL_TIE = 1e-12
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """The range chosen for one tensor; ``reason`` says why it is left in float, if it is."""
+
+    name: str
+    amax: float
+    method: str
+    quantizable: bool = True
+    reason: str | None = None
+
+    @property
+    def scale(self) -> float:
+        """The symmetric INT8 scale, the value a TensorRT calibration cache stores."""
+        return self.amax / INT8_MAX
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "amax": float(self.amax),
+            "scale": float(self.scale),
+            "method": self.method,
+            "quantizable": self.quantizable,
+            "reason": self.reason,
+        }
+
+
+def compute_range(
+    name: str,
+    hist: Histogram,
+    method: str = "entropy",
+    *,
+    percentile: float = 99.99,
+    num_levels: int = 128,
+) -> TensorRange:
+    """The range of tensor ``name`` by ``method``; always a finite amax > 0.
+
+    A tensor whose histogram saw NaN or sentinel values is not quantizable: its range
+    would be meaningless (or the mask's meaning lost), so it keeps its exact finite max
+    (method ``"max"``) only so that every tensor still has a valid scale.
+    """
+    if method not in METHODS:
+        raise UserError(
+            f"unknown calibration method {method!r}", f"use one of: {', '.join(METHODS)}"
+        )
+    problems = _unquantizable_reasons(hist)
+    if problems:
+        reason = "; ".join(problems) + "; left in float"
+        return TensorRange(name, safe_amax(max_amax(hist)), "max", False, reason)
+    if method == "entropy":
+        amax = entropy_amax(hist, num_levels)
+    elif method == "percentile":
+        amax = percentile_amax(hist, percentile)
+    elif method == "mse":
+        amax = mse_amax(hist, num_levels)
+    else:
+        amax = max_amax(hist)
+    return TensorRange(name, safe_amax(amax), method)
+
+
+def _unquantizable_reasons(hist: Histogram) -> list[str]:
+    reasons = []
+    if hist.nan_count:
+        reasons.append(f"produced NaN {_plural(hist.nan_count, 'time')} during calibration")
+    if hist.sentinel_count:
+        n = hist.sentinel_count
+        reasons.append(
+            f"{_plural(n, 'value')} {'is' if n == 1 else 'are'} +-inf or |x| >= {SENTINEL_ABS:g}: "
+            "a sentinel-filled tensor such as an attention mask"
+        )
+    return reasons
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def max_amax(hist: Histogram) -> float:
+    """The exact largest |x| seen (not a bin edge); 0.0 for an empty histogram."""
+    return hist.amax
+
+
+def percentile_amax(hist: Histogram, percentile: float) -> float:
+    """The smallest bin upper edge with at least ``percentile`` % of the values below it."""
+    if not 0 < percentile <= 100:
+        raise UserError(
+            f"percentile must be in (0, 100], got {percentile}", "pass e.g. --percentile 99.99"
+        )
+    if hist.count == 0:
+        return 0.0
+    below = np.cumsum(hist.counts)
+    k = int(np.searchsorted(below, percentile / 100 * hist.count, side="left")) + 1
+    return min(k * _bin_width(hist), hist.amax)
+
+
+def entropy_amax(hist: Histogram, num_levels: int = 128) -> float:
+    """TensorRT's entropy (KL-divergence) threshold; see the module docstring.
+
+    A histogram with fewer bins than ``num_levels`` has no candidate to search and gets
+    the exact max. A constant or all-zero tensor needs no special case: the first
+    candidate past its single bin has KL = 0, and its edge is capped at the exact max.
+    """
+    _check_levels(num_levels)
+    if hist.count == 0:
+        return 0.0
+    if hist.bins < num_levels:
+        return hist.amax
+    candidates, kl = _kl_divergences(hist.counts, num_levels)
+    best = candidates[np.flatnonzero(kl <= kl.min() + _KL_TIE)[0]]
+    return min(int(best) * _bin_width(hist), hist.amax)
+
+
+def _kl_divergences(counts: np.ndarray, num_levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every entropy candidate ``i`` (num_levels…bins) and its KL(P‖Q), in float64."""
+    bins = len(counts)
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    # Prefix sums indexed by bin edge: value[k] sums bins [0, k). Integer ones are exact.
+    below = _prefix(counts)
+    nonempty_below = _prefix((counts > 0).astype(np.int64))
+    p = counts / total
+    plogp_below = _prefix(_xlogx(p))
+
+    cand = np.arange(num_levels, bins + 1)
+    width = cand // num_levels  # bins per level; the last level also takes the remainder
+    edges = width[:, None] * np.arange(num_levels + 1)[None, :]
+    edges[:, -1] = cand
+    level_mass = np.diff(below[edges], axis=1) / total
+    level_nonempty = np.diff(nonempty_below[edges], axis=1)
+    level_plogq = (_xlogx(level_mass) - level_mass * np.log(np.maximum(level_nonempty, 1))).sum(
+        axis=1
+    )
+
+    tail_count = total - below[cand]
+    tail = tail_count / total
+    last = counts[cand - 1]
+    sum_plogp = plogp_below[cand - 1] + _xlogx((last + tail_count) / total)
+    last_mass, last_nonempty = level_mass[:, -1], np.maximum(level_nonempty[:, -1], 1)
+    # log(0) only occurs on rows where the tail lands in an empty bin; they are set to inf.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail_plogq = np.where(tail > 0, tail * np.log(last_mass / last_nonempty), 0.0)
+        log_kept = np.log(below[cand] / total)
+        kl = sum_plogp - (level_plogq + tail_plogq - log_kept)
+    kl[(tail > 0) & (last == 0)] = np.inf
+    return cand, kl
+
+
+def mse_amax(hist: Histogram, num_levels: int = 128) -> float:
+    """The bin edge ``t`` minimising rounding (``(t/(num_levels-1))²/12``) plus clipping error.
+
+    Values are taken at their bin centres; a bin is clipped when its centre is >= t.
+    A histogram with a single non-empty bin (a constant or all-zero tensor) gets the
+    exact max: the uniform-rounding model is wrong there, and amax = |constant| is exact.
+    """
+    _check_levels(num_levels)
+    if np.count_nonzero(hist.counts) <= 1:
+        return hist.amax
+    counts = hist.counts.astype(np.float64)
+    # In units of one bin width: centres j + 0.5, thresholds k; bins [k, bins) are clipped.
+    centre = np.arange(hist.bins) + 0.5
+    k = np.arange(1, hist.bins + 1)
+    inside = _prefix(counts)[k]
+    tail_n, tail_x, tail_x2 = (_suffix(v)[k] for v in (counts, counts * centre, counts * centre**2))
+    rounding = inside * (k / (num_levels - 1)) ** 2 / 12
+    clipping = tail_x2 - 2 * k * tail_x + k**2 * tail_n
+    best = int(k[np.argmin(rounding + clipping)])
+    return min(best * _bin_width(hist), hist.amax)
+
+
+def weight_amax(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """Safe max |w| per channel along ``axis`` (reduced over every other axis).
+
+    ``axis=None`` gives the per-tensor value as a 0-d array. An all-zero channel gets
+    1.0 (see :func:`safe_amax`), so per-channel scales are always usable.
+    """
+    w = np.abs(np.asarray(weight, dtype=np.float64))
+    if axis is None:
+        return safe_amax(np.asarray(np.max(w, initial=0.0)))
+    if not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis {axis} is out of range for a weight of shape {w.shape}")
+    others = tuple(a for a in range(w.ndim) if a != axis % w.ndim)
+    return safe_amax(np.max(w, axis=others, initial=0.0))
+
+
+@overload
+def safe_amax(amax: float) -> float: ...
+@overload
+def safe_amax(amax: np.ndarray) -> np.ndarray: ...
+def safe_amax(amax: float | np.ndarray) -> float | np.ndarray:
+    """``amax`` made usable as a scale: 1.0 for <= 0, NaN or inf; at least :data:`MIN_AMAX`.
+
+    A zero range comes from an all-zero (or empty) tensor, which any scale represents
+    exactly, so 1.0 is as good as any; a zero or NaN scale would poison the engine.
+    """
+    a = np.asarray(amax, dtype=np.float64)
+    safe = np.where(np.isfinite(a) & (a > 0), np.maximum(a, MIN_AMAX), 1.0)
+    return safe if isinstance(amax, np.ndarray) else float(safe)
+
+
+def _check_levels(num_levels: int) -> None:
+    if num_levels < 2:
+        raise UserError(f"num_levels must be at least 2, got {num_levels}", "use 128 for INT8")
+
+
+def _bin_width(hist: Histogram) -> float:
+    return hist.range / hist.bins
+
+
+def _prefix(values: np.ndarray) -> np.ndarray:
+    """``out[k] = values[:k].sum()`` for k = 0…len(values)."""
+    return np.concatenate([np.zeros(1, values.dtype), np.cumsum(values)])
+
+
+def _suffix(values: np.ndarray) -> np.ndarray:
+    """``out[k] = values[k:].sum()`` for k = 0…len(values)."""
+    return np.concatenate([np.cumsum(values[::-1])[::-1], np.zeros(1, values.dtype)])
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    """x log x with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, x * np.log(x), 0.0)
