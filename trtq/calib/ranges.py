@@ -29,17 +29,24 @@ The entropy search is vectorised over all candidates with prefix sums. With
 bins, ``o`` the clipped tail mass, ``s = 1 - o`` the mass Q is normalised by, and ``ℓ``
 the last level (it holds bin ``i-1``):
 
-* P's entropy term is a prefix sum: ``Σ_{k<i-1} p_k log p_k + (p_{i-1} + o) log(p_{i-1} + o)``;
+* ``Σ P log P = Σ_{k<i-1} p_k log p_k + (p_{i-1} + o) log(p_{i-1} + o)``, a prefix sum;
 * every non-empty bin of level ``j`` has ``q = t_j / (n_j s)``, so
   ``Σ P log Q = Σ_j t_j log(t_j / n_j) + o log(t_ℓ / n_ℓ) - log s``, each ``t_j`` and
   ``n_j`` a difference of two prefix sums;
 * ``KL = Σ P log P - Σ P log Q``, infinite when ``o > 0`` but bin ``i-1`` is empty (P
   has mass there and Q none).
 
-Working with probabilities keeps each term below ``log(bins)`` in size, so the
-rounding noise of the prefix sums is ~1e-14; candidates within ``_KL_TIE`` of the
-minimum count as ties and the smallest ``i`` wins, as in the published algorithm
-(an exactly represented run of KL = 0 would otherwise be split by that noise).
+Working with probabilities keeps every term below ``log(bins)`` in size, so the result
+agrees with a direct per-candidate computation to ~1e-13, far below the gaps between
+real candidates. Exact ties do occur (KL = 0 wherever Q reproduces P, as for a tensor
+with a few distinct values) and come out as 0 or a few ulps; KL within ``_KL_TIE`` of the
+minimum therefore counts as a tie, and the smallest ``i`` wins as published.
+
+The published search has blind spots, kept here to match TensorRT: a spike of exact zeros
+(ReLU outputs) favours candidates below 2 * 128 bins, where bin 0 is a level of its own,
+and when no value falls in the first 127 bins (|x| bounded away from zero) the candidate
+just past the first non-empty bin has KL = 0 and clips nearly everything. ``percentile``
+or ``mse`` suit such tensors.
 
 Degenerate tensors never give a zero, negative or non-finite scale: :func:`safe_amax`
 maps those to 1.0 (any scale represents an all-zero tensor exactly), and a tensor with
@@ -61,7 +68,7 @@ METHODS = ("entropy", "percentile", "max", "mse")
 INT8_MAX = 127
 #: The smallest amax handed out: tiny, but amax / 127 stays a normal float32.
 MIN_AMAX = 2.0**-64
-#: KL values closer than this to the minimum are ties (prefix-sum noise is ~1e-14).
+#: Entropy candidates this close to the minimum KL are ties (prefix-sum noise is ~1e-13).
 _KL_TIE = 1e-12
 
 
@@ -188,14 +195,13 @@ def _kl_divergences(counts: np.ndarray, num_levels: int) -> tuple[np.ndarray, np
     plogp_below = _prefix(_xlogx(p))
 
     cand = np.arange(num_levels, bins + 1)
-    width = cand // num_levels  # bins per level; the last level also takes the remainder
-    edges = width[:, None] * np.arange(num_levels + 1)[None, :]
+    per_level = cand // num_levels  # bins per level; the last level also takes the remainder
+    edges = per_level[:, None] * np.arange(num_levels + 1)[None, :]
     edges[:, -1] = cand
     level_mass = np.diff(below[edges], axis=1) / total
     level_nonempty = np.diff(nonempty_below[edges], axis=1)
-    level_plogq = (_xlogx(level_mass) - level_mass * np.log(np.maximum(level_nonempty, 1))).sum(
-        axis=1
-    )
+    level_logq = _xlogx(level_mass) - level_mass * np.log(np.maximum(level_nonempty, 1))
+    level_plogq = level_logq.sum(axis=1)
 
     tail_count = total - below[cand]
     tail = tail_count / total

@@ -105,6 +105,21 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+def name_nodes(graph: gs.Graph) -> gs.Graph:
+    """Give every unnamed (or duplicate-named) node a unique name like ``Conv_3``.
+
+    Reports, ``--exclude-nodes`` patterns and TensorRT's layer names all refer
+    to nodes by name; exporters often leave them empty.
+    """
+    used: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if not node.name or node.name in used:
+            base = f"{node.op}_{index}"
+            node.name = base if base not in used else f"{base}_{len(used)}"
+        used.add(node.name)
+    return graph
+
+
 def remove_identities(graph: gs.Graph) -> gs.Graph:
     """Bypass Identity nodes so that patterns (Conv -> BN, weight -> Conv) are adjacent.
 
@@ -225,6 +240,7 @@ GRAPH_PASSES: tuple[GraphPass, ...] = (
     remove_identities,
     fold_constants,
     fold_batchnorm,
+    name_nodes,
 )
 
 
