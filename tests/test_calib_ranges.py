@@ -108,7 +108,12 @@ def mnist_conv_inputs(mnist_model) -> dict[str, Histogram]:
 
 def check_against_reference(hist: Histogram) -> None:
     expected, divergences = reference_entropy(hist)
-    assert entropy_amax(hist) == pytest.approx(expected, rel=1e-6)
+    assert entropy_amax(hist, flatten_zero_bin=False) == pytest.approx(expected, rel=1e-6)
+    # The default search runs the same algorithm on counts whose bin 0 is set to bin 1's.
+    flattened = Histogram.from_json(hist.to_json())
+    flattened.counts[0] = flattened.counts[1]
+    if flattened.counts.any():
+        assert entropy_amax(hist) == pytest.approx(reference_entropy(flattened)[0], rel=1e-6)
     _, kl = _kl_divergences(hist.counts, 128)
     reference = np.array(divergences)
     np.testing.assert_array_equal(np.isinf(kl), np.isinf(reference))
@@ -158,6 +163,14 @@ def test_percentile_is_the_bin_edge_above_the_quantile():
         assert amax - width <= quantile < amax
     # Exactly reaching the share counts: 2 of 4 values lie in 2.0's bin or below.
     assert percentile_amax(hist_of(np.array([1.0, -2.0, 3.0, 4.0])), 50) == 2.0 + 8 / 2048
+
+
+def test_flattening_the_zero_bin_keeps_relu_outputs_from_being_crushed():
+    """Half exact zeros (a ReLU output): the published search clips most of the signal."""
+    x = np.maximum(synthetic("gaussian"), 0.0)
+    h = hist_of(x)
+    assert entropy_amax(h, flatten_zero_bin=False) < 0.35 * h.amax
+    assert entropy_amax(h) > 0.5 * h.amax
 
 
 def test_entropy_for_gaussian_data_clips_the_tail_only():

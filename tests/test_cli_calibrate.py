@@ -33,7 +33,7 @@ def test_stats_and_cache(tmp_path, capsys):
     assert set(cache.scales) == set(stats.ranges) and "input" in cache.scales
     for name, scale in cache.scales.items():
         assert scale == pytest.approx(stats.ranges[name].amax / 127, rel=1e-7)
-        assert stats.ranges[name].method == "entropy"
+        assert stats.ranges[name].method == "mse"
 
 
 def test_default_observes_compute_op_inputs_only(tmp_path, capsys):

@@ -29,7 +29,7 @@ from trtq import __version__
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.calibrate import calibrate, choose_ranges
 from trtq.calib.collect import Batch
-from trtq.calib.ranges import TensorRange
+from trtq.calib.ranges import DEFAULT_METHOD, TensorRange
 from trtq.errors import ModelError, UserError
 from trtq.graph import qdq
 from trtq.graph.inspect import summarize
@@ -45,7 +45,7 @@ FP8_MIN_OPSET = 19
 
 @dataclass(frozen=True)
 class CalibrationOptions:
-    method: str = "entropy"
+    method: str = DEFAULT_METHOD
     percentile: float = 99.99
     max_memory: int | None = None
     providers: Sequence[str] | None = None

@@ -14,7 +14,7 @@ import onnx
 from trtq.calib.cache import CalibrationStats
 from trtq.calib.collect import Batch, Shard, collect
 from trtq.calib.histogram import DEFAULT_BINS
-from trtq.calib.ranges import TensorRange, compute_range
+from trtq.calib.ranges import DEFAULT_METHOD, TensorRange, compute_range
 from trtq.graph.patterns import compute_op_inputs
 
 
@@ -28,7 +28,7 @@ def calibrate(
     batches: Iterable[Batch],
     *,
     tensors: Sequence[str] | None = None,
-    method: str = "entropy",
+    method: str = DEFAULT_METHOD,
     percentile: float = 99.99,
     bins: int = DEFAULT_BINS,
     max_memory: int | None = None,
@@ -65,7 +65,7 @@ def calibrate(
 
 
 def choose_ranges(
-    stats: CalibrationStats, method: str = "entropy", percentile: float = 99.99
+    stats: CalibrationStats, method: str = DEFAULT_METHOD, percentile: float = 99.99
 ) -> dict[str, TensorRange]:
     """One range per observed tensor, in the order they were observed."""
     return {

@@ -9,7 +9,7 @@ from trtq.calib.cache import DEFAULT_TRT_VERSION, CalibrationStats, TrtCache, me
 from trtq.calib.calibrate import calibrate, choose_ranges
 from trtq.calib.collect import Shard, parse_memory
 from trtq.calib.histogram import DEFAULT_BINS
-from trtq.calib.ranges import METHODS
+from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.cli.common import add_command, add_data_arguments, open_data
 from trtq.errors import UserError
 from trtq.graph.load import check_model, load_model, model_inputs
@@ -44,7 +44,7 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("model", nargs="?", help="FP32 ONNX model (not needed with --merge)")
     parser.add_argument("--calib", help="calibration data (see the README's data formats)")
     parser.add_argument("-o", "--output", required=True, help="stats JSON to write")
-    parser.add_argument("--method", choices=METHODS, default="entropy", help="range algorithm")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="range algorithm")
     parser.add_argument(
         "--percentile", type=float, default=99.99, help="percentile for --method percentile"
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.collect import parse_memory
-from trtq.calib.ranges import METHODS
+from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
 from trtq.fileio import save_model, write_text
 from trtq.graph import qdq
@@ -45,7 +45,7 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("model", help="FP32 ONNX model")
     parser.add_argument("-o", "--output", required=True, help="quantized ONNX model to write")
     parser.add_argument("--calib", help="calibration data (see the README's data formats)")
-    parser.add_argument("--method", choices=METHODS, default="entropy", help="range algorithm")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="range algorithm")
     parser.add_argument(
         "--percentile", type=float, default=99.99, help="percentile for --method percentile"
     )

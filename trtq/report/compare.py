@@ -1,0 +1,398 @@
+"""Run a reference and a candidate model on the same data and measure how far apart they are.
+
+This is how a quantized or FP16 model is judged before it is built into an engine:
+both models see the same batches, one at a time, and only running sums and counts
+are kept (see :mod:`trtq.report.metrics`), so memory does not grow with the data.
+
+ONNX Runtime runs both models with graph optimization level ``ORT_ENABLE_BASIC``.
+At that level it keeps QuantizeLinear/DequantizeLinear nodes as they are and
+computes in float between them (fake quantization), which is what TensorRT's INT8
+kernels reproduce; at the default level it would fuse Q/DQ into its own integer
+kernels (QLinearConv...), whose rounding and accumulation are ONNX Runtime's, not
+TensorRT's.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from trtq.calib.collect import Batch, resolve_providers
+from trtq.calib.data import BatchSource
+from trtq.errors import DataError, UserError
+from trtq.report.metrics import Agreement, LabelAccuracy, OutputAgreement, json_number
+
+log = logging.getLogger(__name__)
+
+#: A model as a file path or an in-memory proto.
+ModelSource = str | Path | onnx.ModelProto
+#: The key under which labels are looked for in an .npz file.
+DEFAULT_LABELS_KEY = "labels"
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    """Top-1 accuracy of both models against labels, on one output."""
+
+    output: str
+    samples: int
+    reference: float
+    candidate: float
+
+    @property
+    def drop_points(self) -> float:
+        """Accuracy lost by the candidate, in percentage points (negative: it gained)."""
+        return (self.reference - self.candidate) * 100
+
+    def to_json(self) -> dict:
+        return {
+            "output": self.output,
+            "samples": self.samples,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "drop_points": self.drop_points,
+        }
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """What :func:`compare_models` measured: agreement per output, accuracy if labelled."""
+
+    samples: int
+    batches: int
+    outputs: dict[str, Agreement]
+    accuracy: AccuracyResult | None
+
+    def to_json(self) -> dict:
+        return {
+            "samples": self.samples,
+            "batches": self.batches,
+            "outputs": {name: agreement.to_json() for name, agreement in self.outputs.items()},
+            "accuracy": self.accuracy.to_json() if self.accuracy else None,
+        }
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One quality gate: its threshold, the measured value, and a line that explains it."""
+
+    name: str
+    limit: float
+    value: float
+    passed: bool
+    detail: str
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "limit": self.limit,
+            "value": json_number(self.value),
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+def compare_models(
+    reference: ModelSource,
+    candidate: ModelSource,
+    batches: Iterable[Batch],
+    labels: np.ndarray | None = None,
+    *,
+    label_output: str | None = None,
+    providers: Sequence[str] | None = None,
+) -> ComparisonReport:
+    """Run both models on every batch and measure the candidate against the reference.
+
+    The models must have the same input names and types and the same output names;
+    outputs are matched by name. ``labels`` (one integer per sample, in data order)
+    add the top-1 accuracy of both models on ``label_output`` (default: the first
+    output). ``providers`` are ONNX Runtime's, short names allowed (default CPU).
+    """
+    ref_session = open_session(reference, providers)
+    cand_session = open_session(candidate, providers)
+    inputs, outputs = _matching_names(ref_session, cand_session)
+    if labels is not None:
+        label_output = _check_label_output(outputs, label_output)
+        known = batches.num_samples if isinstance(batches, BatchSource) else None
+        _check_label_count(len(labels), known)
+    agreements = {name: OutputAgreement() for name in outputs}
+    ref_accuracy, cand_accuracy = LabelAccuracy(), LabelAccuracy()
+    samples = num_batches = 0
+    for batch in batches:
+        feeds = {name: batch[name] for name in inputs}
+        ref_values = dict(zip(outputs, ref_session.run(outputs, feeds), strict=True))
+        cand_values = dict(zip(outputs, cand_session.run(outputs, feeds), strict=True))
+        for name, agreement in agreements.items():
+            _check_same_shape(name, ref_values[name], cand_values[name])
+            agreement.update(ref_values[name], cand_values[name])
+        count = len(next(iter(feeds.values())))
+        if labels is not None:
+            batch_labels = labels[samples : samples + count]
+            _check_label_count(len(labels), samples + count, at_least=True)
+            _check_logits(label_output, ref_values[label_output], count)
+            ref_accuracy.update(ref_values[label_output], batch_labels)
+            cand_accuracy.update(cand_values[label_output], batch_labels)
+        samples += count
+        num_batches += 1
+    if not num_batches:
+        raise DataError("the data yielded no batches", "check the data source and --limit")
+    accuracy = None
+    if labels is not None:
+        _check_label_count(len(labels), samples)
+        accuracy = AccuracyResult(
+            label_output, samples, ref_accuracy.accuracy, cand_accuracy.accuracy
+        )
+    log.info("compared %d output(s) on %d samples (%d batches)", len(outputs), samples, num_batches)
+    return ComparisonReport(
+        samples, num_batches, {name: a.result() for name, a in agreements.items()}, accuracy
+    )
+
+
+def evaluate_gates(
+    report: ComparisonReport,
+    *,
+    min_cosine: float | None = None,
+    max_drop: float | None = None,
+) -> list[GateResult]:
+    """Check the report against the thresholds that were given (None: gate not asked for).
+
+    ``min_cosine`` bounds every output's *mean* cosine from below; ``max_drop`` bounds the
+    accuracy drop in points from above and needs a report with accuracy. A NaN metric
+    (NaN or Inf in an output) fails its gate.
+    """
+    gates = []
+    if min_cosine is not None:
+        gates.append(_cosine_gate(report, min_cosine))
+    if max_drop is not None:
+        if report.accuracy is None:
+            raise ValueError("max_drop needs a report with accuracy: compare with labels")
+        gates.append(_drop_gate(report.accuracy, max_drop))
+    return gates
+
+
+def format_report(
+    report: ComparisonReport, gates: Sequence[GateResult], context: Mapping[str, str]
+) -> str:
+    """The text report: ``context`` lines (model paths, data), a table of outputs, accuracy
+    and gates."""
+    lines = [f"{key:<10} {value}" for key, value in context.items()]
+    lines += ["", *_output_table(report.outputs), ""]
+    if report.accuracy:
+        acc = report.accuracy
+        lines.append(
+            f"{'accuracy':<10} reference {acc.reference:.2%}, candidate {acc.candidate:.2%}, "
+            f"drop {acc.drop_points:.2f} pts ({acc.output}, {acc.samples} labels)"
+        )
+    for gate in gates:
+        lines.append(f"{'gate':<10} {'passed' if gate.passed else 'FAILED':<6}  {gate.detail}")
+    return "\n".join(lines).rstrip()
+
+
+def open_session(model: ModelSource, providers: Sequence[str] | None) -> ort.InferenceSession:
+    """An ONNX Runtime session that executes Q/DQ as written (see the module docstring)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    chosen = resolve_providers(providers)
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(str(model), options, providers=chosen)
+    if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
+    # Over 2 GB a proto cannot be serialized: hand ORT a file with external data.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(str(path), options, providers=chosen)
+
+
+def load_labels(path: str | Path, key: str = DEFAULT_LABELS_KEY) -> np.ndarray:
+    """Integer labels, one per sample, from a .npy file or the ``key`` array of an .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}", "pass an .npz or .npy file")
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as stored:
+                if key not in stored.files:
+                    raise DataError(
+                        f"{path} has no array '{key}' (arrays found: {', '.join(stored.files)})",
+                        "name the array with --labels PATH:KEY",
+                    )
+                array = stored[key]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"cannot read labels from {path} ({exc})", "save them with numpy.save or numpy.savez"
+        ) from exc
+    return _as_labels(array, str(path))
+
+
+def labels_in_data(data: str | Path) -> np.ndarray | None:
+    """The labels stored next to the inputs in an .npz data file, or None if it has none.
+
+    The sample data (``calib_data/*.npz``) and many exported test sets keep their
+    labels in the same file, under ``labels``; using them saves a flag. The file is
+    expected to be readable (open it as data first, which reports a bad file).
+    """
+    path = Path(data)
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as stored:
+        if DEFAULT_LABELS_KEY not in stored.files:
+            return None
+        return _as_labels(stored[DEFAULT_LABELS_KEY], str(path))
+
+
+def _as_labels(array: np.ndarray, where: str) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(
+            f"labels in {where} are {array.dtype}, not integers",
+            "save class indices (e.g. labels.astype(np.int64))",
+        )
+    if array.ndim > 1 and array.size != len(array):
+        raise DataError(
+            f"labels in {where} have shape {array.shape}, not one label per sample",
+            "save a 1-D array of class indices",
+        )
+    return array.reshape(-1)
+
+
+def _matching_names(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession
+) -> tuple[list[str], list[str]]:
+    """Input and output names shared by both models, in the reference's order."""
+    for kind, ref_args, cand_args in (
+        ("inputs", reference.get_inputs(), candidate.get_inputs()),
+        ("outputs", reference.get_outputs(), candidate.get_outputs()),
+    ):
+        ref_names = [a.name for a in ref_args]
+        cand_names = [a.name for a in cand_args]
+        if set(ref_names) != set(cand_names):
+            raise UserError(
+                f"the models have different {kind}: {_difference(ref_names, cand_names)}",
+                f"compare models with the same {kind} ({kind} are matched by name)",
+            )
+    cand_types = {a.name: a.type for a in candidate.get_inputs()}
+    for arg in reference.get_inputs():
+        if cand_types[arg.name] != arg.type:
+            raise UserError(
+                f"input '{arg.name}' is {arg.type} in the reference but "
+                f"{cand_types[arg.name]} in the candidate",
+                "compare models that take the same input types",
+            )
+    return [a.name for a in reference.get_inputs()], [a.name for a in reference.get_outputs()]
+
+
+def _difference(reference: list[str], candidate: list[str]) -> str:
+    only_ref = [n for n in reference if n not in candidate]
+    only_cand = [n for n in candidate if n not in reference]
+    parts = [
+        f"only in the {role}: {', '.join(repr(n) for n in names)}"
+        for role, names in (("reference", only_ref), ("candidate", only_cand))
+        if names
+    ]
+    return "; ".join(parts)
+
+
+def _check_label_output(outputs: list[str], label_output: str | None) -> str:
+    if label_output is None:
+        return outputs[0]
+    if label_output not in outputs:
+        raise UserError(
+            f"no output named '{label_output}'",
+            f"choose one of: {', '.join(outputs)}",
+        )
+    return label_output
+
+
+def _check_label_count(labels: int, samples: int | None, *, at_least: bool = False) -> None:
+    """Labels must pair one-to-one with samples; checked as early as the count is known."""
+    if samples is None or labels == samples or (at_least and labels > samples):
+        return
+    raise DataError(
+        f"{labels} labels for {'at least ' if at_least else ''}{samples} samples",
+        "give one label per sample, in data order (with --limit N, the first N are used)",
+    )
+
+
+def _check_same_shape(name: str, reference: np.ndarray, candidate: np.ndarray) -> None:
+    if reference.shape != candidate.shape:
+        raise UserError(
+            f"output '{name}' has shape {reference.shape} in the reference but "
+            f"{candidate.shape} in the candidate",
+            "compare models with the same output shapes",
+        )
+
+
+def _check_logits(name: str, values: np.ndarray, samples: int) -> None:
+    """Accuracy needs a row of class scores per sample from the labelled output."""
+    if values.ndim < 2 or len(values) != samples or values[0].size < 2:
+        raise UserError(
+            f"output '{name}' has shape {values.shape}: not one row of class scores per sample",
+            "choose the classifier output with --label-output",
+        )
+
+
+def _cosine_gate(report: ComparisonReport, limit: float) -> GateResult:
+    # NaN sorts first so that a broken output is the one reported.
+    name, agreement = min(
+        report.outputs.items(),
+        key=lambda item: (not np.isnan(item[1].cosine_mean), item[1].cosine_mean),
+    )
+    value = agreement.cosine_mean
+    passed = value >= limit
+    relation = ">=" if passed else "<"
+    return GateResult(
+        "min-cosine",
+        limit,
+        value,
+        passed,
+        f"min-cosine: output '{name}' mean cosine {value:.6f} {relation} {limit:g}",
+    )
+
+
+def _drop_gate(accuracy: AccuracyResult, limit: float) -> GateResult:
+    value = accuracy.drop_points
+    passed = value <= limit
+    relation = "<=" if passed else ">"
+    return GateResult(
+        "max-drop",
+        limit,
+        value,
+        passed,
+        f"max-drop: accuracy drop {value:.2f} pts {relation} {limit:g} "
+        f"(reference {accuracy.reference:.2%}, candidate {accuracy.candidate:.2%})",
+    )
+
+
+def _output_table(outputs: Mapping[str, Agreement]) -> list[str]:
+    header = ("output", "cosine mean", "cosine min", "rel L2", "max abs", "mean abs", "top-1 agree")
+    rows = [header] + [
+        (
+            name,
+            f"{a.cosine_mean:.6f}",
+            f"{a.cosine_min:.6f}",
+            f"{a.rel_l2:.3g}",
+            f"{a.max_abs:.3g}",
+            f"{a.mean_abs:.3g}",
+            "n/a" if a.top1 is None else f"{a.top1:.2%}",
+        )
+        for name, a in outputs.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
