@@ -80,8 +80,8 @@ def test_memory_budget_splits_into_groups_with_identical_results(mnist, mnist_te
 def test_plan_groups_respects_the_budget(mnist, mnist_test):
     tensors = float_activations(mnist)
     batches = digit_batches(mnist_test, 1)
-    assert plan_groups(mnist, tensors, batches, None) == [tensors]
-    groups = plan_groups(mnist, tensors, batches, 200_000)
+    assert plan_groups(mnist, tensors, batches[0], None) == [tensors]
+    groups = plan_groups(mnist, tensors, batches[0], 200_000)
     assert [t for g in groups for t in g] == tensors
     assert len(groups) > 2
 

@@ -63,7 +63,7 @@ def test_summary_line(capsys, tmp_path):
         capsys, MODEL, "--calib", CALIB, "-o", tmp_path / "m.onnx", "--limit", "64"
     )
     assert code == 0
-    assert "INT8 coverage" in out and "float: " in out and "tiny" in out
+    assert "INT8: 4/6 compute nodes, coverage" in out and "float: " in out and "tiny" in out
 
 
 def test_json_report_on_stdout(capsys, tmp_path):

@@ -10,6 +10,7 @@ streamed once per group: more passes, bounded memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import tempfile
@@ -59,6 +60,19 @@ class Shard:
         return batch_index % self.count == self.index - 1
 
 
+def peek(batches: Iterable[Batch]) -> tuple[Batch | None, Iterable[Batch]]:
+    """The first batch, and batches to iterate that still include it.
+
+    A one-shot iterator (a generator) loses what ``next`` takes from it, so it
+    is chained back together; re-iterable sources are returned as they are.
+    """
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if iterator is batches and first is not None:
+        return first, itertools.chain([first], iterator)
+    return first, batches
+
+
 def parse_memory(text: str) -> int:
     """'512M', '4G', '1.5GiB', '1000000' -> bytes."""
     match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
@@ -82,7 +96,14 @@ def collect(
     """Histograms of ``tensors`` over every batch (of this shard), in bounded memory."""
     input_names = {v.name for v in model.graph.input}
     outputs = [t for t in tensors if t not in input_names]
-    groups = plan_groups(model, outputs, batches, max_memory)
+    example, batches = peek(batches)
+    groups = plan_groups(model, outputs, example, max_memory)
+    if len(groups) > 1 and iter(batches) is batches:
+        raise UserError(
+            f"--max-memory splits calibration into {len(groups)} passes over the data, "
+            "but the data can be read only once",
+            "pass a file or folder (or a loader whose load_data() can be called again)",
+        )
     histograms = {name: Histogram.empty(bins) for name in tensors}
     total_batches = _len_or_none(batches)
     num_batches = num_samples = 0
@@ -125,20 +146,20 @@ def collect(
 def plan_groups(
     model: onnx.ModelProto,
     tensors: Sequence[str],
-    batches: Iterable[Batch],
+    example: Batch | None,
     max_memory: int | None,
 ) -> list[list[str]]:
     """Split ``tensors`` so that one batch's activations of each group fit ``max_memory``.
 
     Sizes come from shape inference, with symbolic dims (batch, sequence
-    length…) resolved from the first batch; a dim that cannot be resolved counts
+    length…) resolved from an example batch; a dim that cannot be resolved counts
     as 1 and is logged. No budget: one group.
     """
     if not tensors:
         return []
     if max_memory is None:
         return [list(tensors)]
-    shapes = Shapes(model, example=next(iter(batches), None))
+    shapes = Shapes(model, example=example)
     sizes = {name: shapes.nbytes(name) for name in tensors}
     groups: list[list[str]] = [[]]
     used = 0

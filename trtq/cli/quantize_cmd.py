@@ -12,7 +12,7 @@ from trtq.calib.collect import parse_memory
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
 from trtq.fileio import save_model, write_text
-from trtq.graph import qdq
+from trtq.graph import fp16, qdq
 from trtq.graph.load import load_model, model_inputs
 from trtq.graph.patterns import COMPUTE_OPS
 from trtq.quantize import CalibrationOptions, quantize
@@ -49,7 +49,18 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument(
         "--percentile", type=float, default=99.99, help="percentile for --method percentile"
     )
-    parser.add_argument("--precision", choices=qdq.PRECISIONS, default="int8", help="Q/DQ type")
+    parser.add_argument(
+        "--precision",
+        choices=(*qdq.PRECISIONS, *fp16.LOW_TYPES),
+        default="int8",
+        help="int8/fp8: Q/DQ on compute ops; fp16/bf16: the whole graph in reduced precision",
+    )
+    parser.add_argument(
+        "--high-precision",
+        choices=("fp32", *fp16.LOW_TYPES),
+        default="fp32",
+        help="with --precision int8/fp8: the type of everything not quantized",
+    )
     parser.add_argument("--cache", help="TensorRT calibration cache: read if present, else written")
     parser.add_argument("--stats", help="trtq stats JSON: read if present, else written")
     parser.add_argument("--report", help="write the quantization report (JSON) here")
@@ -68,6 +79,27 @@ def add_parser(subparsers, parents) -> None:
         default=qdq.DEFAULT_MIN_CHANNELS,
         help="ops with fewer channels stay float (INT8 does not pay there)",
     )
+    mixed = parser.add_argument_group("fp16/bf16")
+    mixed.add_argument(
+        "--keep-io-types",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the model's float inputs and outputs FP32",
+    )
+    mixed.add_argument(
+        "--max-abs",
+        type=float,
+        help="nodes whose observed activations exceed this stay FP32 (default 512 for fp16, "
+        "none for bf16)",
+    )
+    mixed.add_argument(
+        "--max-reduction",
+        type=int,
+        default=fp16.DEFAULT_MAX_REDUCTION,
+        help="reductions over more elements stay FP32",
+    )
+    mixed.add_argument("--keep-fp32-nodes", help="regular expression: matching nodes stay FP32")
+    mixed.add_argument("--keep-fp32-ops", default="", help="ops that stay FP32, comma-separated")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--max-memory", type=parse_memory, help="see trtq calibrate --help")
     calib.add_argument("--providers", help="ONNX Runtime providers for calibration (default cpu)")
@@ -82,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     batches = None
     if args.calib:
         batches = open_data(args, args.calib, model_inputs(model))
+    quantizing = args.precision in qdq.PRECISIONS
+    low = args.high_precision if quantizing else args.precision
     result = quantize(
         model,
         batches,
@@ -91,6 +125,18 @@ def run(args: argparse.Namespace) -> int:
             exclude_ops=_ops(args.exclude_ops),
             exclude_nodes=args.exclude_nodes,
             min_channels=args.min_channels,
+        )
+        if quantizing
+        else None,
+        mixed=None
+        if low == "fp32"
+        else fp16.MixedPrecisionOptions(
+            precision=low,
+            keep_io_types=args.keep_io_types,
+            max_abs=args.max_abs,
+            max_reduction=args.max_reduction,
+            keep_fp32_nodes=args.keep_fp32_nodes,
+            keep_fp32_ops=_ops(args.keep_fp32_ops),
         ),
         calibration=CalibrationOptions(
             method=args.method,
@@ -119,18 +165,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict) -> str:
-    coverage = report["coverage"]
-    precision = report["precision"].upper()
-    lines = [
-        f"wrote {report['output']}: {coverage['quantized_nodes']}/{coverage['total_nodes']} "
-        f"compute nodes in {precision}, {precision} coverage {coverage['fraction']:.1%} of "
-        f"{coverage['total_macs']:,} multiply-accumulates",
-        f"quantized tensors: {len(report['quantized_tensors'])} (method {report['method']})",
-    ]
-    for node in report["float_nodes"]:
+    """The human summary: coverage first, then every node left in higher precision and why."""
+    lines = [f"wrote {report['output']}"]
+    if report["precision"]:
+        coverage, precision = report["coverage"], report["precision"].upper()
         lines.append(
-            f"  float: {node['name']} ({node['op']}, {node['macs']:,} MACs): {node['reason']}"
+            f"{precision}: {coverage['quantized_nodes']}/{coverage['total_nodes']} compute nodes, "
+            f"coverage {coverage['fraction']:.1%} of {coverage['total_macs']:,} multiply-"
+            f"accumulates per sample; {len(report['quantized_tensors'])} activations quantized "
+            f"(method {report['method']})"
         )
+        for node in report["float_nodes"]:
+            lines.append(
+                f"  float: {node['name']} ({node['op']}, {node['macs']:,} MACs): {node['reason']}"
+            )
+    mixed = report.get("mixed_precision")
+    if mixed:
+        coverage = mixed["coverage"]
+        lines.append(
+            f"{mixed['precision'].upper()}: {mixed['reduced_precision_nodes']} nodes in reduced "
+            f"precision, {len(mixed['fp32_nodes'])} kept FP32; reduced-precision coverage "
+            f"{coverage['fraction']:.1%} of multiply-accumulates"
+        )
+        for node in mixed["fp32_nodes"]:
+            lines.append(f"  fp32: {node['name']}: {node['reason']}")
+    check = report["verification"]
+    for name, figures in check["outputs"].items():
+        lines.append(
+            f"check ({check['backend']}, {check['samples']} samples): {name} cosine vs FP32 "
+            f"mean {figures['cosine_mean']:.6f}, min {figures['cosine_min']:.6f}"
+        )
+    if not check["outputs"]:
+        lines.append(f"check: {check['backend']}")
     return "\n".join(lines)
 
 

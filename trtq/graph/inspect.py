@@ -9,6 +9,7 @@ import onnx
 
 from trtq.graph.load import TensorSpec, model_inputs, model_outputs
 from trtq.graph.normalize import default_opset
+from trtq.graph.walk import all_nodes
 
 #: Ops that mean the model already carries quantization (QAT export, onnxruntime
 #: quantize_static/dynamic output). Quantizing such a model again would stack a
@@ -76,7 +77,7 @@ class ModelSummary:
 
 def summarize(model: onnx.ModelProto) -> ModelSummary:
     """Describe a model without modifying it; nodes inside If/Loop/Scan bodies are counted too."""
-    counts = Counter(node.op_type for node in _all_nodes(model.graph))
+    counts = Counter(node.op_type for node in all_nodes(model.graph))
     for function in model.functions:
         counts.update(node.op_type for node in function.node)
     quantized = {op: n for op, n in counts.items() if op in QUANTIZED_OPS}
@@ -93,17 +94,6 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         num_parameters=parameters,
         quantized_ops=quantized,
     )
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
 
 
 def _numel(dims) -> int:

@@ -112,11 +112,14 @@ def name_nodes(graph: gs.Graph) -> gs.Graph:
     to nodes by name; exporters often leave them empty.
     """
     used: set[str] = set()
-    for index, node in enumerate(graph.nodes):
-        if not node.name or node.name in used:
-            base = f"{node.op}_{index}"
-            node.name = base if base not in used else f"{base}_{len(used)}"
-        used.add(node.name)
+    index = 0
+    for subgraph in _graphs(graph):  # names are unique across If/Loop bodies too
+        for node in subgraph.nodes:
+            if not node.name or node.name in used:
+                base = f"{node.op}_{index}"
+                node.name = base if base not in used else f"{base}_{len(used)}"
+            used.add(node.name)
+            index += 1
     return graph
 
 
@@ -259,6 +262,12 @@ def normalize(
 def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, keeping the model-level fields graphsurgeon does not carry."""
     model = gs.export_onnx(graph.cleanup().toposort())
+    # graphsurgeon drops the shape of scalar outputs (an empty tuple reads as "unknown");
+    # keep each output's declared type when the original had one.
+    declared = {v.name: v.type for v in like.graph.output if v.type.tensor_type.HasField("shape")}
+    for output in model.graph.output:
+        if output.name in declared and not output.type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(declared[output.name])
     model.ir_version = like.ir_version
     model.producer_name, model.producer_version = like.producer_name, like.producer_version
     model.doc_string = like.doc_string

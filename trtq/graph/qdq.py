@@ -85,13 +85,20 @@ class NodeDecision:
         }
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """A tensor quantized for fusion rather than as a compute input: why, and for whom."""
+
+    reason: str
+    consumers: tuple[str, ...]  # the nodes that read its DequantizeLinear output
+
+
 @dataclass
 class QuantPlan:
     """Which nodes run quantized and which tensors get a Q/DQ pair."""
 
     decisions: list[NodeDecision]
-    #: Tensors quantized for fusion rather than as a compute input: name -> why.
-    fusion_tensors: dict[str, str] = field(default_factory=dict)
+    fusion_tensors: dict[str, Fusion] = field(default_factory=dict)
 
     def activations(self) -> list[str]:
         """Every tensor that needs a calibrated range, in graph order, once."""
@@ -109,8 +116,12 @@ class QuantPlan:
             "total_nodes": len(self.decisions),
         }
 
-    def with_ranges(self, ranges: Mapping[str, TensorRange]) -> QuantPlan:
-        """Leave in float every node (and fusion tensor) whose range is unusable."""
+    def with_ranges(self, ranges: Mapping[str, TensorRange], graph: gs.Graph) -> QuantPlan:
+        """Leave in float every node whose range is unusable, then re-derive the fusions.
+
+        A residual skip or pooling input is only worth quantizing next to quantized
+        compute, so fusions are recomputed from the nodes that are still quantized.
+        """
 
         def usable(tensor: str) -> TensorRange | None:
             found = ranges.get(tensor)
@@ -126,9 +137,10 @@ class QuantPlan:
                 decisions.append(replace(d, quantized=False, reason=reason))
             else:
                 decisions.append(d)
+        quantized = {d.name for d in decisions if d.quantized}
         fusion = {
-            t: why
-            for t, why in self.fusion_tensors.items()
+            t: use
+            for t, use in fusion_tensors(graph, quantized).items()
             if t in ranges and ranges[t].quantizable
         }
         return QuantPlan(decisions, fusion)
@@ -146,9 +158,17 @@ def plan(graph: gs.Graph, macs: Mapping[str, int], options: PlacementOptions) ->
             decisions.append(_decide(node, macs.get(node.name, 0), options, excluded))
     decisions += _control_flow_nodes(graph, macs)
     quantized = {d.name for d in decisions if d.quantized}
-    fusion = _residual_skips(graph, quantized)
-    fusion.update(_pooling_inputs(graph, quantized))
-    return QuantPlan(decisions, fusion)
+    return QuantPlan(decisions, fusion_tensors(graph, quantized))
+
+
+def fusion_tensors(graph: gs.Graph, quantized: set[str]) -> dict[str, Fusion]:
+    """Residual skips and pooling inputs that keep TensorRT's INT8 fusions intact."""
+    found = _residual_skips(graph, quantized)
+    for name, use in _pooling_inputs(graph, quantized).items():
+        if name in found:
+            use = Fusion(found[name].reason, found[name].consumers + use.consumers)
+        found[name] = use
+    return found
 
 
 def _decide(
@@ -205,7 +225,7 @@ def weight_axis(node: gs.Node, rank: int) -> int | None:
         return 0
     if node.op == "ConvTranspose":
         return 1
-    if isinstance(node.inputs[0], gs.Constant):  # MatMul(W, x)
+    if isinstance(node.inputs[0], gs.Constant) or rank < 2:  # MatMul(W, x), or a [K] vector
         return None
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
@@ -257,9 +277,9 @@ def _control_flow_nodes(graph: gs.Graph, macs: Mapping[str, int]) -> list[NodeDe
     return found
 
 
-def _residual_skips(graph: gs.Graph, quantized: set[str]) -> dict[str, str]:
+def _residual_skips(graph: gs.Graph, quantized: set[str]) -> dict[str, Fusion]:
     """Skip inputs of Adds that follow a quantized Conv: Q/DQ there lets TensorRT fuse the add."""
-    skips = {}
+    skips: dict[str, Fusion] = {}
     for add in graph.nodes:
         if add.op != "Add" or len(add.inputs) != 2:
             continue
@@ -275,23 +295,26 @@ def _residual_skips(graph: gs.Graph, quantized: set[str]) -> dict[str, str]:
                 and len(fused.outputs) == 1
                 and fused not in graph.outputs
             ):
-                skips[skip.name] = (
-                    f"residual skip of {add.name}: lets TensorRT fuse it into {producer.name}"
-                )
+                reason = f"residual skip of {add.name}: lets TensorRT fuse it into {producer.name}"
+                earlier = skips[skip.name].consumers if skip.name in skips else ()
+                skips[skip.name] = Fusion(reason, (*earlier, add.name))
                 break
     return skips
 
 
-def _pooling_inputs(graph: gs.Graph, quantized: set[str]) -> dict[str, str]:
+def _pooling_inputs(graph: gs.Graph, quantized: set[str]) -> dict[str, Fusion]:
     """Inputs of pooling layers between a quantized producer and quantized consumers."""
-    found = {}
+    found: dict[str, Fusion] = {}
     for pool in graph.nodes:
         if pool.op not in POOLING_OPS or isinstance(pool.inputs[0], gs.Constant):
             continue
         if _fed_by_quantized(pool.inputs[0], quantized) and _feeds_only_quantized(
             pool.outputs[0], quantized, graph
         ):
-            found[pool.inputs[0].name] = f"input of {pool.op} {pool.name}: keeps INT8 through it"
+            name = pool.inputs[0].name
+            earlier = found[name].consumers if name in found else ()
+            reason = f"input of {pool.op} {pool.name}: keeps INT8 through it"
+            found[name] = Fusion(reason, (*earlier, pool.name))
     return found
 
 
@@ -340,10 +363,9 @@ def insert(
         if key not in weights:
             weights[key] = _quantize_weight(graph, tensors[d.weight], d.weight_axis, precision)
         _rewire(node, tensors[d.weight], weights[key])
-    for name in plan.fusion_tensors:
-        for consumer in list(tensors[name].outputs):
-            if consumer.op in ("Add", *POOLING_OPS):
-                _rewire(consumer, tensors[name], dequantized[name])
+    for name, use in plan.fusion_tensors.items():
+        for consumer in use.consumers:
+            _rewire(nodes[consumer], tensors[name], dequantized[name])
     return graph.cleanup().toposort()
 
 
@@ -393,7 +415,7 @@ def _quantize_weight(
     dtype = weight.values.dtype
     values = weight.values.astype(np.float32)
     amax = weight_amax(values, axis)
-    scale = (amax / QMAX[precision]).astype(dtype)
+    scale = np.asarray(amax / QMAX[precision], dtype=dtype)
     broadcast = (
         scale
         if axis is None
@@ -405,12 +427,9 @@ def _quantize_weight(
     else:
         stored = scaled.astype(ml_dtypes.float8_e4m3fn)
     suffix = "" if axis is None else f"_axis{axis}"
-    zero_shape = () if axis is None else scale.shape
     q = gs.Constant(f"{weight.name}{suffix}_{precision}", stored)
-    scale_c = gs.Constant(
-        f"{weight.name}{suffix}_scale", scale.reshape(zero_shape) if axis is None else scale
-    )
-    zero = gs.Constant(f"{weight.name}{suffix}_zero_point", _zero_point(precision, zero_shape))
+    scale_c = gs.Constant(f"{weight.name}{suffix}_scale", scale)
+    zero = gs.Constant(f"{weight.name}{suffix}_zero_point", _zero_point(precision, scale.shape))
     output = gs.Variable(
         f"{weight.name}{suffix}_dequantized", dtype=dtype, shape=list(values.shape)
     )

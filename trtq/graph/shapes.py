@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from trtq.graph.walk import all_graphs
+
 
 class Shapes:
     """Element type and (resolved) shape of every tensor shape inference knows."""
@@ -28,8 +30,11 @@ class Shapes:
         per_sample: bool = False,
     ):
         graph = model.graph
-        self._infos = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
-        self._constants = {init.name: tuple(init.dims) for init in graph.initializer}
+        self._infos = {}
+        self._constants = {}
+        for sub in all_graphs(graph):  # If/Loop bodies have value_info of their own
+            self._infos.update({v.name: v for v in (*sub.input, *sub.value_info, *sub.output)})
+            self._constants.update({init.name: tuple(init.dims) for init in sub.initializer})
         self._symbols = _symbols(graph.input, example or {}, per_sample)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
