@@ -109,3 +109,26 @@ def test_already_quantized_model_is_refused(capsys, quantized, tmp_path):
     assert code == EXIT_USER_ERROR
     assert "already quantized" in err and "build it directly" in err
     assert not (tmp_path / "again.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--precision", "fp16"], "FP16: 19 nodes in reduced precision, 0 kept FP32"),
+        (["--precision", "bf16"], "BF16: 19 nodes in reduced precision, 0 kept FP32"),
+        (["--precision", "int8", "--high-precision", "fp16"], "FP16: 33 nodes in reduced"),
+        (
+            ["--precision", "fp16", "--keep-fp32-ops", "Gemm"],
+            "fp32: /head/Gemm: Gemm in --keep-fp32-ops",
+        ),
+    ],
+)
+def test_reduced_precision_modes(capsys, tmp_path, flags, expected):
+    out_path = tmp_path / "m.onnx"
+    code, out, _ = quantize(
+        capsys, MODEL, "--calib", CALIB, "--limit", "64", "-o", out_path, *flags
+    )
+    assert code == 0
+    assert expected in out
+    assert "check (onnx" in out  # the numeric check ran, and says with what
+    onnx.checker.check_model(onnx.load(out_path), full_check=True)
