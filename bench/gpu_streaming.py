@@ -1,0 +1,170 @@
+"""GPU benchmark: feeding calibration batches to TensorRT, trtq's streamer vs synchronous copies.
+
+TensorRT's calibrator asks for a batch, computes on it, then asks for the next.
+polygraphy's calibrator copies each batch synchronously from pageable memory
+when asked; trtq's :class:`~trtq.cuda.memory.BatchStreamer` copies the next
+batch (pinned, asynchronous, on its own stream) while TensorRT computes on the
+current one. TensorRT is not installed on the GPU machine, so its per-batch
+work is stood in for by a kernel that runs for a fixed time (``--compute-ms``)
+on the batch's device buffer. Both feeders run the same batches in the same
+run; the ratio is what counts.
+
+Run on a GPU machine (``scripts/gpu_check.sh``)::
+
+    python bench/gpu_streaming.py --batches 32 --batch-mib 64 --compute-ms 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+SPIN_KERNEL = r"""
+extern "C" __global__ void spin(const float *x, float *out, long long cycles)
+{
+    // Stands in for TensorRT's work on one batch: read the batch, then hold the SM.
+    long long start = clock64();
+    float acc = x[threadIdx.x];
+    while (clock64() - start < cycles) { acc = acc * 0.999f + 1e-7f; }
+    if (threadIdx.x == 0) out[0] = acc;
+}
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--batches", type=int, default=32, help="batches per feeder")
+    parser.add_argument("--batch-mib", type=float, default=64.0, help="size of one batch")
+    parser.add_argument(
+        "--compute-ms", type=float, default=1.0, help="stand-in for TensorRT's work per batch"
+    )
+    parser.add_argument("--json", help="also write the figures here")
+    return parser.parse_args()
+
+
+def make_batches(count: int, mib: float) -> list[dict[str, np.ndarray]]:
+    """Distinct pageable host batches, as a data loader would produce them."""
+    elements = int(mib * (1 << 20)) // 4
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(elements).astype(np.float32)
+    return [{"x": np.roll(base, i)} for i in range(count)]
+
+
+def synchronous_feed(cuda, batches, compute) -> float:
+    """polygraphy's way: allocate once, copy each batch synchronously from pageable memory."""
+    device = cuda.mem_alloc(batches[0]["x"].nbytes)
+    cuda.Context.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        cuda.memcpy_htod(device, batch["x"])
+        compute(int(device))
+    cuda.Context.synchronize()
+    elapsed = time.perf_counter() - start
+    device.free()
+    return elapsed
+
+
+def streamed_feed(cuda, batches, compute) -> float:
+    """trtq's way: pinned double buffers, the next batch in flight during compute."""
+    from trtq.cuda.memory import BatchStreamer
+
+    cuda.Context.synchronize()
+    start = time.perf_counter()
+    streamer = BatchStreamer(batches, cuda)
+    while (pointers := streamer.next_pointers(["x"])) is not None:
+        compute(pointers[0])
+    cuda.Context.synchronize()
+    elapsed = time.perf_counter() - start
+    streamer.close()
+    return elapsed
+
+
+def main() -> int:
+    args = parse_args()
+    import pycuda.driver as cuda
+    from pycuda.compiler import SourceModule
+
+    cuda.init()
+    device = cuda.Device(0)
+    context = device.retain_primary_context()
+    context.push()
+    try:
+        spin = SourceModule(SPIN_KERNEL).get_function("spin")
+        clock_khz = device.get_attribute(cuda.device_attribute.CLOCK_RATE)
+        cycles = np.int64(args.compute_ms * clock_khz)
+        out = cuda.mem_alloc(4)
+        stream = cuda.Stream()
+
+        def compute(pointer: int) -> None:
+            # TensorRT computes on its own stream and the calibrator waits for it.
+            spin(np.intp(pointer), out, cycles, block=(32, 1, 1), grid=(1, 1), stream=stream)
+            stream.synchronize()
+
+        batches = make_batches(args.batches, args.batch_mib)
+        total_gb = sum(b["x"].nbytes for b in batches) / 1e9
+        compute_only = time_compute(cuda, compute, args.batches)
+        streamed_feed(cuda, batches[:2], compute)  # warm-up: allocations, module load
+        synchronous_feed(cuda, batches[:2], compute)
+        sync_s = synchronous_feed(cuda, batches, compute)
+        stream_s = streamed_feed(cuda, batches, compute)
+        results = {
+            "gpu": device.name(),
+            "batches": args.batches,
+            "batch_mib": args.batch_mib,
+            "compute_ms": args.compute_ms,
+            "compute_only_s": compute_only,
+            "synchronous_s": sync_s,
+            "streamed_s": stream_s,
+            "synchronous_gb_per_s": total_gb / sync_s,
+            "streamed_gb_per_s": total_gb / stream_s,
+            "streamed_over_synchronous_time": stream_s / sync_s,
+        }
+    finally:
+        cuda.Context.pop()
+    print_table(results)
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def time_compute(cuda, compute, count: int) -> float:
+    """The stand-in compute alone: the floor any feeder can reach."""
+    scratch = cuda.mem_alloc(4096)
+    cuda.Context.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        compute(int(scratch))
+    elapsed = time.perf_counter() - start
+    scratch.free()
+    return elapsed
+
+
+def print_table(r: dict) -> None:
+    print(f"GPU {r['gpu']}: {r['batches']} batches of {r['batch_mib']:g} MiB, "
+          f"{r['compute_ms']:g} ms of stand-in compute per batch")  # fmt: skip
+    print(f"  compute alone            {r['compute_only_s'] * 1e3:8.1f} ms")
+    print(f"  synchronous pageable     {r['synchronous_s'] * 1e3:8.1f} ms  "
+          f"{r['synchronous_gb_per_s']:6.1f} GB/s")  # fmt: skip
+    print(f"  trtq streamed (pinned)   {r['streamed_s'] * 1e3:8.1f} ms  "
+          f"{r['streamed_gb_per_s']:6.1f} GB/s")  # fmt: skip
+    print(f"  streamed / synchronous   {r['streamed_over_synchronous_time']:8.2f}x time")
+
+
+def write_json(path: str, results: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(results, handle, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

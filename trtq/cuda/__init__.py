@@ -1,0 +1,1 @@
+"""CUDA helpers (pycuda, imported lazily): device contexts and batch streaming."""
