@@ -32,11 +32,21 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# --- TensorRT bindings for tests/test_trt_conformance.py (scripts/trt_bindings.sh) ---
+# NVIDIA's real Python bindings for TensorRT 10.13 and 11.4 in .trt/10 and .trt/11, on stub
+# native libraries: the tests check every TensorRT attribute trtq uses without TensorRT or a GPU.
+TRT_DIR   := .trt
+TRT_STAMP := $(TRT_DIR)/.stamp
+
+$(TRT_STAMP): scripts/trt_bindings.sh scripts/trt_stubs/stub.c | $(VENV)/bin/python
+	PYTHON=$(PY) bash scripts/trt_bindings.sh $(TRT_DIR)
+# --- end TensorRT bindings ---
+
+test: lint $(TRT_STAMP)
 	$(PY) -m pytest
 
 # Includes the tests marked slow.
-test-all: lint
+test-all: lint $(TRT_STAMP)
 	$(PY) -m pytest -m 'not gpu'
 
 clean:
