@@ -14,8 +14,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gp
 ln -sfn "$site/tensorrt_bindings" "$site/tensorrt"
 stubs=/tmp/trtq-trt-stubs
 mkdir -p "$stubs"
-for lib in libnvinfer.so.10 libnvonnxparser.so.10 libnvinfer_plugin.so.10; do
-    gcc -shared -fPIC -Wl,-soname,"$lib" -o "$stubs/$lib" scripts/trt_stubs/stub.c
+for lib in nvinfer nvonnxparser nvinfer_plugin; do
+    define="STUB_$(echo "$lib" | tr '[:lower:]' '[:upper:]')"
+    gcc -shared -fPIC -D"$define" -Wl,-soname,"lib$lib.so.10" -o "$stubs/lib$lib.so.10" scripts/trt_stubs/stub.c
 done
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
