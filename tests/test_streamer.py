@@ -61,8 +61,11 @@ class FakeDriver:
             def synchronize(self) -> None:
                 pass
 
-        self.Allocation, self.Context, self.Event = Allocation, Context, Event
-        self.Stream = lambda: object()
+        class Stream:
+            def synchronize(self) -> None:
+                pass
+
+        self.Allocation, self.Context, self.Event, self.Stream = Allocation, Context, Event, Stream
 
     def mem_alloc(self, nbytes: int):
         return self.Allocation(nbytes)
@@ -113,6 +116,15 @@ def test_buffers_are_reused_and_grown_only_when_needed():
     while streamer.next_pointers(["a", "b"]) is not None:
         pass
     assert driver.allocations == 2 * 2 * 2  # each slot grew once
+    streamer.close()
+
+
+def test_large_batches_are_staged_in_parallel_chunks_intact():
+    driver = FakeDriver()
+    big = {"a": np.random.default_rng(1).standard_normal((3, 1 << 21)).astype(np.float32)}  # 24 MiB
+    streamer = BatchStreamer([big], driver)
+    [pointer] = streamer.next_pointers(["a"])
+    np.testing.assert_array_equal(driver.read(pointer, big["a"]), big["a"])
     streamer.close()
 
 
