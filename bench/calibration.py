@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trtq.fileio import write_json
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -470,20 +472,6 @@ def print_report(report: dict, results: dict[int, dict[str, ChildResult]]) -> No
         )
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Temp file in the same folder + os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -589,7 +577,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
     }
     print_report(report, results)
     if args.json:
-        write_json_atomic(args.json, report)
+        write_json(args.json, report)
     return 0
 
 

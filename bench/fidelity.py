@@ -44,6 +44,7 @@ from pathlib import Path
 # the children): on Linux a child's ru_maxrss starts from its parent's peak RSS (the child
 # shares the parent's memory map until exec), so a fat parent would put a floor under every
 # measurement. The header prints that floor.
+from trtq.fileio import write_json
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -749,20 +750,6 @@ def machine() -> dict:
     }
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write next to the target, then rename: a reader never sees half a file."""
-    path = path.resolve()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -879,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: str(v) for k, v in vars(args).items()},
             "models": results,
         }
-        write_json_atomic(args.json, payload)
+        write_json(args.json, payload)
         print(f"\nwrote {args.json}")
     return 0
 

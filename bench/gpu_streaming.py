@@ -17,12 +17,11 @@ Run on a GPU machine (``scripts/gpu_check.sh``)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 
 import numpy as np
+
+from trtq.fileio import write_json
 
 SPIN_KERNEL = r"""
 extern "C" __global__ void spin(const float *x, float *out, long long cycles)
@@ -171,14 +170,6 @@ def print_table(r: dict) -> None:
         print(f"    trtq streamed (pinned)   {f['streamed_s'] * 1e3:8.1f} ms  "
               f"{f['streamed_gb_per_s']:6.1f} GB/s")  # fmt: skip
         print(f"    streamed / synchronous   {f['streamed_over_synchronous_time']:8.2f}x time")
-
-
-def write_json(path: str, results: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from trtq.errors import UserError
+
+if TYPE_CHECKING:  # onnx is imported where models are saved: the rest stays light
+    import onnx
 
 
 @contextlib.contextmanager
@@ -45,8 +47,17 @@ def write_text(target: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_json(target: str | Path, payload: object) -> None:
+    """Indented JSON with a final newline, written atomically."""
+    import json
+
+    write_text(target, json.dumps(payload, indent=2) + "\n")
+
+
 def save_model(model: onnx.ModelProto, target: str | Path) -> None:
     """Save a model atomically; models over 2 GB get their weights in ``<name>.data`` beside it."""
+    import onnx
+
     target = Path(target)
     if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
         write_bytes(target, model.SerializeToString())
