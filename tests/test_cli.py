@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -217,3 +218,13 @@ def test_missing_data(capsys, mnist_model, tmp_path):
     code, _, err = trtq(capsys, "inspect", mnist_model, "--data", tmp_path / "nope")
     assert code == EXIT_USER_ERROR
     assert_one_line_error(err, "data not found")
+
+
+def test_outputs_get_the_usual_file_mode(mnist_model, tmp_path, capsys):
+    """Atomic writes go through mkstemp (0600); the result must be readable like any file."""
+    out = tmp_path / "n.onnx"
+    code, _, _ = trtq(capsys, "normalize", "-q", mnist_model, "-o", out)
+    assert code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -28,6 +28,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     if not folder.is_dir():
         raise UserError(f"output folder does not exist: {folder}", "create it first")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    # mkstemp creates the file 0600; give the result the mode a plain open() would (a
+    # serving container running as another user must be able to read an engine).
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -35,6 +38,16 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _read_umask() -> int:
+    # The only way to read the umask is to set it; done once, at import, before any threads.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_bytes(target: str | Path, data: bytes) -> None:

@@ -13,10 +13,17 @@ import sys
 from collections.abc import Sequence
 
 from trtq import __version__
-from trtq.cli import calibrate_cmd, compare_cmd, inspect_cmd, normalize_cmd, quantize_cmd
+from trtq.cli import (
+    build_cmd,
+    calibrate_cmd,
+    compare_cmd,
+    inspect_cmd,
+    normalize_cmd,
+    quantize_cmd,
+)
 from trtq.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
 
-COMMANDS = (inspect_cmd, normalize_cmd, calibrate_cmd, quantize_cmd, compare_cmd)
+COMMANDS = (inspect_cmd, normalize_cmd, calibrate_cmd, quantize_cmd, compare_cmd, build_cmd)
 
 log = logging.getLogger("trtq")
 
