@@ -42,12 +42,18 @@ $(TRT_STAMP): scripts/trt_bindings.sh scripts/trt_stubs/stub.c | $(VENV)/bin/pyt
 	PYTHON=$(PY) bash scripts/trt_bindings.sh $(TRT_DIR)
 # --- end TensorRT bindings ---
 
-test: lint $(TRT_STAMP)
+# Pretrained models from PyPI wheels, unpacked without installing the packages.
+MODELS_STAMP := .models/.stamp-silero-vad-6.2.3
+
+$(MODELS_STAMP): scripts/fetch_test_models.sh | $(VENV)/bin/python
+	PYTHON=$(PY) bash scripts/fetch_test_models.sh .models
+
+test: lint $(TRT_STAMP) $(MODELS_STAMP)
 	$(PY) -m pytest
 
 # Includes the tests marked slow.
-test-all: lint $(TRT_STAMP)
+test-all: lint $(TRT_STAMP) $(MODELS_STAMP)
 	$(PY) -m pytest -m 'not gpu'
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) out .trt .models .pytest_cache .ruff_cache *.egg-info

@@ -132,3 +132,44 @@ def test_reduced_precision_modes(capsys, tmp_path, flags, expected):
     assert expected in out
     assert "check (onnx" in out  # the numeric check ran, and says with what
     onnx.checker.check_model(onnx.load(out_path), full_check=True)
+
+
+def test_scalar_and_state_inputs_that_are_not_batch_major(capsys, tmp_path):
+    """Like silero-vad: a scalar int64 input and a state whose first dim is not the batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+            helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["state", "sr_f"], ["state_out"]),
+        ],
+        "stateful",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 8, 8]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "N", 4]),
+        ],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "w")
+        ],
+    )
+    model_path, loader = tmp_path / "stateful.onnx", tmp_path / "loader.py"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model_path)
+    loader.write_text(
+        "import numpy as np\n"
+        "def load_data():\n"
+        "    rng = np.random.default_rng(1)\n"
+        "    for _ in range(4):\n"
+        "        yield {'x': rng.standard_normal((1, 16, 8, 8)).astype(np.float32),\n"
+        "               'state': np.ones((2, 1, 4), np.float32), 'sr': np.array(16000)}\n"
+    )
+    code, out, err = quantize(capsys, model_path, "--calib", loader, "-o", tmp_path / "q.onnx")
+    assert code == 0, err
+    assert "check (onnxruntime, 1 samples): y cosine" in out
+    assert "state_out cosine vs FP32 mean 1.000000" in out

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -78,12 +79,14 @@ def quantize(
     calibration: CalibrationOptions | None = None,
     stats: CalibrationStats | None = None,
     cache: TrtCache | None = None,
+    frozen: Mapping[str, np.ndarray] | None = None,
 ) -> QuantizeResult:
     """Quantize ``model``: Q/DQ per ``placement`` (None: none), then FP16/BF16 per ``mixed``.
 
     Ranges come from ``batches``, or from ``stats`` or ``cache`` if given. With
     ``mixed``, every float activation is observed too, so that nodes with
-    activations beyond FP16's comfort stay FP32.
+    activations beyond FP16's comfort stay FP32. ``frozen`` inputs become
+    constants (see :func:`trtq.graph.normalize.freeze_inputs`).
     """
     calibration = calibration or CalibrationOptions()
     if placement is None and mixed is None:
@@ -94,7 +97,7 @@ def quantize(
         )
     _refuse_quantized(model)
     check_model(model)
-    model = normalize(model)
+    model = normalize(model, frozen=frozen)
     if (placement is not None and placement.precision == "fp8") or (placement and mixed):
         # FP8 Q/DQ, and Q/DQ whose scales are FP16/BF16, need opset 19.
         model = upgrade_opset(model, FP8_MIN_OPSET)

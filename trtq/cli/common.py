@@ -76,3 +76,33 @@ def open_data(args: argparse.Namespace, source: str, inputs):
     return open_batches(
         source, inputs, batch_size=args.batch_size, limit=args.limit, preprocess=preprocess
     )
+
+
+def add_freeze_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--freeze-input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="replace an input by a constant (e.g. sr=16000): control flow that only chose "
+        "among settings is then inlined, and its compute can be quantized; repeatable",
+    )
+
+
+def parse_frozen(items: list[str]) -> dict:
+    """``["sr=16000", "mask=1,1,0"]`` -> ``{"sr": array(16000), "mask": array([1, 1, 0])}``."""
+    import numpy as np
+
+    from trtq.errors import UserError
+
+    frozen = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            values = [float(v) if any(c in v for c in ".eE") else int(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not name or not text or not values:
+            raise UserError(f"bad --freeze-input {item!r}", "write NAME=VALUE, e.g. sr=16000")
+        frozen[name.strip()] = np.array(values[0] if len(values) == 1 else values)
+    return frozen

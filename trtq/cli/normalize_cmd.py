@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from trtq.cli.common import add_command
+from trtq.cli.common import add_command, add_freeze_argument, parse_frozen
 from trtq.fileio import save_model
 from trtq.graph.inspect import summarize
 from trtq.graph.load import check_model, load_model
@@ -28,13 +28,14 @@ def add_parser(subparsers, parents) -> None:
     )
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("-o", "--output", required=True, help="where to write the result")
+    add_freeze_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_model(model)
     before = summarize(model)
-    normalized = normalize(model)
+    normalized = normalize(model, frozen=parse_frozen(args.freeze_input))
     check_model(normalized)
     save_model(normalized, args.output)
     after = summarize(normalized)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 
 from trtq.errors import ModelError
 from trtq.graph.surgery import replace_uses
@@ -212,7 +212,15 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     weight. Q/DQ nodes are never folded, and no tensor above
     :data:`FOLD_SIZE_LIMIT_BYTES` is materialised.
     """
+    import onnxruntime
+
+    # graphsurgeon evaluates constants in ONNX Runtime sessions of its own, whose optimizer
+    # warnings ("UnsqueezeElimination cannot remove node") are noise to trtq's users.
+    onnxruntime.set_default_logger_severity(3)
     graph.fold_constants(
+        # Inlining If branches with constant conditions is left off: graphsurgeon's
+        # flattening drops branch outputs (seen on silero-vad's nested Ifs).
+        flatten_subgraphs=False,
         size_threshold=FOLD_SIZE_LIMIT_BYTES,
         should_exclude_node=lambda node: node.op in _NEVER_FOLD,
     )
@@ -236,21 +244,91 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         ) from exc
 
 
+def inline_constant_ifs(graph: gs.Graph) -> gs.Graph:
+    """Replace every If whose condition is a constant by the branch it always takes.
+
+    Exporters wrap whole networks in an If on a setting input (silero-vad picks
+    its 8 kHz or 16 kHz network by sample rate); with the input frozen
+    (:func:`freeze_inputs`) the condition folds to a constant, and inlining the
+    taken branch brings its Conv/Gemm/LSTM into the main graph, where they can
+    be quantized. Nested Ifs are inlined as they surface.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            condition = node.inputs[0] if node.op == "If" and node.inputs else None
+            if not isinstance(condition, gs.Constant):
+                continue
+            taken = node.attrs["then_branch" if bool(condition.values) else "else_branch"]
+            _inline_branch(graph, node, taken)
+            changed = True
+        graph.cleanup()
+    return graph
+
+
+def _inline_branch(graph: gs.Graph, node: gs.Node, branch: gs.Graph) -> None:
+    """Move ``branch``'s nodes into ``graph`` in place of the If ``node``."""
+    outer = graph.tensors().values()
+    outer_ids, outer_names = {id(t) for t in outer}, {t.name for t in outer}
+    for tensor in branch.tensors().values():  # the branch's own tensors, not outer-scope ones
+        if id(tensor) not in outer_ids and tensor.name in outer_names:
+            tensor.name = f"{node.name}/{tensor.name}"
+    results = list(node.outputs)
+    node.outputs.clear()
+    graph.nodes.extend(branch.nodes)
+    for produced, result in zip(branch.outputs, results, strict=True):
+        graph.nodes.append(
+            gs.Node("Identity", f"{node.name}/{result.name}", inputs=[produced], outputs=[result])
+        )
+
+
+def freeze_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """Turn graph inputs into constants (``--freeze-input sr=16000``).
+
+    A model specialised to one setting loses the control flow that chose among
+    settings (see :func:`inline_constant_ifs`). The value takes the input's
+    declared element type.
+    """
+    frozen = onnx.ModelProto()
+    frozen.CopyFrom(model)  # the caller's model keeps its inputs
+    model = frozen
+    inputs = {v.name: v for v in model.graph.input}
+    for name, value in values.items():
+        if name not in inputs:
+            raise ModelError(
+                f"--freeze-input {name}: the model has no input {name!r}",
+                f"inputs: {', '.join(inputs)}",
+            )
+        elem = inputs[name].type.tensor_type.elem_type
+        array = np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem))
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        model.graph.input.remove(inputs[name])
+    return model
+
+
 #: The graph passes of :func:`normalize`, in order: constants first so that the
 #: later passes see weights as initializers.
 GRAPH_PASSES: tuple[GraphPass, ...] = (
     constants_to_initializers,
-    remove_identities,
     fold_constants,
+    inline_constant_ifs,
+    fold_constants,
+    remove_identities,
     fold_batchnorm,
     name_nodes,
 )
 
 
 def normalize(
-    model: onnx.ModelProto, passes: tuple[GraphPass, ...] = GRAPH_PASSES
+    model: onnx.ModelProto,
+    passes: tuple[GraphPass, ...] = GRAPH_PASSES,
+    *,
+    frozen: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
-    """Apply every normalisation pass: opset upgrade, graph passes, shape inference."""
+    """Apply every normalisation pass: frozen inputs, opset upgrade, graph passes, shapes."""
+    if frozen:
+        model = freeze_inputs(model, frozen)
     model = upgrade_opset(model)
     graph = gs.import_onnx(model)
     for graph_pass in passes:

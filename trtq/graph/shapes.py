@@ -95,10 +95,12 @@ def macs(node: onnx.NodeProto, shapes: Shapes) -> int:
         return math.prod(x) * math.prod(w[1:])  # each input scatters into C_out/group x kernel
     if node.op_type in RECURRENT_OPS:
         x, w, r = (shapes.shape(name) for name in node.input[:3])
-        if x is None or w is None or r is None:
+        if w is None or r is None:
             return 0
-        # Every step: each direction multiplies [input | hidden] by its gate weights.
-        return math.prod(x[:2]) * w[0] * w[1] * (w[2] + r[2])
+        # Every step: each direction multiplies [input | hidden] by its gate weights. Inside
+        # If/Loop bodies the sequence is often of unknown length: count one step then.
+        steps = math.prod(x[:2]) if x is not None else 1
+        return steps * w[0] * w[1] * (w[2] + r[2])
     if node.op_type in ("Gemm", "MatMul"):
         a = shapes.shape(node.input[0])
         if out is None or a is None or not a:

@@ -36,25 +36,39 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def run_outputs(
     model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], macs_per_sample: int
-) -> tuple[list[np.ndarray] | None, int, str]:
-    """(outputs, samples run, backend): 'onnxruntime', 'onnx.reference' or 'none: why'.
+) -> tuple[list[np.ndarray] | None, dict[str, np.ndarray], str]:
+    """(outputs, the feeds they came from, backend: 'onnxruntime', 'onnx.reference' or 'none: why').
 
     The reference evaluator runs only as many samples as its work budget allows.
     """
-    samples = len(next(iter(feeds.values())))
+    feeds = dict(feeds)
     try:
-        return session(model).run(None, dict(feeds)), samples, "onnxruntime"
+        return session(model).run(None, feeds), feeds, "onnxruntime"
     except Exception as exc:  # ORT's NOT_IMPLEMENTED and friends have no common base class
         reason = str(exc).strip().splitlines()[0][:200]
         log.info("ONNX Runtime cannot run the rewritten model (%s)", reason)
+    samples = _batch_size(feeds)
     affordable = min(samples, REFERENCE_EVALUATOR_MAX_MACS // max(macs_per_sample, 1))
     if affordable < 1:
         why = "ONNX Runtime cannot run it and it is too large for onnx.reference"
-        return None, 0, f"none: {why} ({reason})"
+        return None, feeds, f"none: {why} ({reason})"
     from onnx.reference import ReferenceEvaluator
 
-    subset = {name: array[:affordable] for name, array in feeds.items()}
-    return list(ReferenceEvaluator(model).run(None, subset)), affordable, "onnx.reference"
+    subset = _first_samples(feeds, samples, affordable)
+    return list(ReferenceEvaluator(model).run(None, subset)), subset, "onnx.reference"
+
+
+def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
+    """The leading dim of the first input with one (scalars and states may have none)."""
+    return next((len(a) for a in feeds.values() if np.ndim(a) > 0), 1)
+
+
+def _first_samples(feeds: Mapping[str, np.ndarray], samples: int, keep: int) -> dict:
+    """The first ``keep`` samples of every batch-major input; other inputs unchanged."""
+    return {
+        name: array[:keep] if np.ndim(array) > 0 and len(array) == samples else array
+        for name, array in feeds.items()
+    }
 
 
 def numeric_check(
@@ -66,10 +80,12 @@ def numeric_check(
     """Per-output mean/min cosine of ``candidate`` against ``reference`` on one batch."""
     if feeds is None:
         return {"backend": "none: no data to run", "outputs": {}}
-    actual, samples, backend = run_outputs(candidate, feeds, macs_per_sample)
+    # Data may carry more than the model takes now (a frozen input, labels): feed what it takes.
+    wanted = {v.name for v in candidate.graph.input}
+    feeds = {name: array for name, array in feeds.items() if name in wanted}
+    actual, feeds, backend = run_outputs(candidate, feeds, macs_per_sample)
     if actual is None:
         return {"backend": backend, "outputs": {}}
-    feeds = {name: array[:samples] for name, array in feeds.items()}
     expected = session(reference).run(None, feeds)
     names = [o.name for o in reference.graph.output]
     outputs = {}
@@ -78,4 +94,4 @@ def numeric_check(
             continue
         cosine = per_sample_cosine(np.asarray(ref, np.float64), np.asarray(got, np.float64))
         outputs[name] = {"cosine_mean": float(np.mean(cosine)), "cosine_min": float(np.min(cosine))}
-    return {"backend": backend, "samples": samples, "outputs": outputs}
+    return {"backend": backend, "samples": _batch_size(feeds), "outputs": outputs}
