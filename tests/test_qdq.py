@@ -808,3 +808,29 @@ def test_mnist_int8_accuracy_and_coverage(mnist_model, mnist_test):
     expected = json.loads((CALIB_DATA / "mnist_cnn.json").read_text())["test_accuracy"]
     assert fp32 == pytest.approx(expected)
     assert int8 >= fp32 - 0.005, f"INT8 {int8:.3f} vs FP32 {fp32:.3f}"
+
+
+def test_macs_come_from_real_shapes_where_inference_gives_up():
+    """A reshape driven by a run-time shape: shape inference cannot size the MatMul."""
+    w = numpy_helper.from_array(np.ones((16, 32), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
+        ],
+        "runtime_shape",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    batches = [
+        {"x": rng.standard_normal((4, 256)).astype(np.float32), "shape": np.array([-1, 16, 16])}
+    ]
+    result = quantize(model, batches, calibration=CalibrationOptions(progress=False))
+    [decision] = result.report["quantized_nodes"]
+    assert decision["macs"] == 16 * 16 * 32  # per sample: a [16, 16] @ [16, 32] product

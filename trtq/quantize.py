@@ -28,15 +28,15 @@ import onnx_graphsurgeon as gs
 from trtq import __version__
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.calibrate import calibrate, choose_ranges
-from trtq.calib.collect import Batch, peek
+from trtq.calib.collect import Batch, observe_shapes, peek
 from trtq.calib.ranges import DEFAULT_METHOD, TensorRange
 from trtq.errors import ModelError, UserError
 from trtq.graph import fp16, qdq
 from trtq.graph.inspect import summarize
 from trtq.graph.load import check_model
 from trtq.graph.normalize import export, infer_shapes, normalize, upgrade_opset
-from trtq.graph.patterns import float_activations
-from trtq.graph.shapes import Shapes, macs
+from trtq.graph.patterns import COMPUTE_OPS, float_activations
+from trtq.graph.shapes import RECURRENT_OPS, Shapes, macs
 from trtq.graph.walk import all_nodes
 from trtq.report.verify import numeric_check
 
@@ -104,7 +104,7 @@ def quantize(
     if mixed is not None and mixed.precision == "bf16":
         model = _upgrade_for_bf16(model)
     example, batches = peek(batches) if batches is not None else (None, None)
-    shapes = Shapes(model, example, per_sample=True)
+    shapes = Shapes(model, example, per_sample=True, observed=_observed(model, example))
     node_macs = {node.name: macs(node, shapes) for node in all_nodes(model.graph)}
     graph = gs.import_onnx(model)
     plan = qdq.plan(graph, node_macs, placement) if placement else qdq.QuantPlan([])
@@ -115,7 +115,7 @@ def quantize(
     if placement is not None:
         plan = plan.with_ranges(ranges, graph)
         graph = qdq.insert(graph, plan, ranges, placement.precision)
-    result = export(graph, like=model)
+    result = infer_shapes(export(graph, like=model))
     precision_plan = None
     if mixed is not None:
         amax = {name: h.amax for name, h in stats.histograms.items()} if stats else {}
@@ -132,6 +132,16 @@ def quantize(
     if not verification["outputs"] and not verification["backend"].startswith("none"):
         raise RuntimeError("the rewritten model produced no comparable outputs")
     return QuantizeResult(result, plan, ranges, stats, report)
+
+
+def _observed(model: onnx.ModelProto, example: Batch | None) -> dict[str, tuple[int, ...]]:
+    """Real shapes of the compute ops' operands and results, from one sample (for MACs)."""
+    if example is None:
+        return {}
+    compute = [n for n in model.graph.node if n.op_type in COMPUTE_OPS | RECURRENT_OPS]
+    return observe_shapes(
+        model, [t for n in compute for t in (*n.input[:2], *n.output[:1])], example
+    )
 
 
 def _upgrade_for_bf16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -182,6 +182,53 @@ def plan_groups(
     return groups
 
 
+def observe_shapes(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    example: Batch,
+    providers: Sequence[str] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``tensors`` on one sample of ``example``: what shape inference could not say.
+
+    Exporters compute reshapes from run-time shapes, which shape inference leaves
+    symbolic, so MACs (and coverage) would otherwise count those dims as 1. Dims
+    that scale with the batch are divided back to one sample.
+    """
+    graph_inputs = {v.name for v in model.graph.input}
+    outputs = [t for t in dict.fromkeys(tensors) if t and t not in graph_inputs]
+    if not outputs:
+        return {}
+    session = _session(model, outputs, providers)
+    feeds = first_samples({name: example[name] for name in _session_inputs(session)}, 1, model)
+    values = session.run(outputs, feeds)
+    return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(outputs, values, strict=True)}
+
+
+def batch_size(batch: Batch) -> int:
+    """The leading dim of the first input that has one (scalars and states may not)."""
+    return next((len(a) for a in batch.values() if np.ndim(a) > 0), 1)
+
+
+def first_samples(batch: Batch, keep: int, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The first ``keep`` samples of every batch-major input; other inputs as they are.
+
+    An input is batch-major when the model leaves its leading dim free and the data's
+    leading dim is the batch size (a recurrent state ``[2, batch, 128]``, a scalar
+    setting or a fixed-length sequence is not).
+    """
+    samples = batch_size(batch)
+    free = {
+        v.name
+        for v in model.graph.input
+        if v.type.tensor_type.shape.dim
+        and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+    }
+    return {
+        name: array[:keep] if name in free and len(array) == samples else array
+        for name, array in batch.items()
+    }
+
+
 def _session(
     model: onnx.ModelProto, outputs: Sequence[str], providers: Sequence[str] | None
 ) -> ort.InferenceSession:

@@ -91,14 +91,21 @@ def _check_looks_like_onnx(model: onnx.ModelProto, name: str) -> None:
 
 def check_model(model: onnx.ModelProto, *, full: bool = False) -> None:
     """Run onnx.checker and turn its failure into a one-line ModelError."""
+    if model.ByteSize() > onnx.checker.MAXIMUM_PROTOBUF:
+        log.debug("model over 2 GB: skipping onnx.checker on the in-memory proto")
+        return
     try:
-        if model.ByteSize() > onnx.checker.MAXIMUM_PROTOBUF:
-            log.debug("model over 2 GB: skipping onnx.checker on the in-memory proto")
-            return
         onnx.checker.check_model(model, full_check=full)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"the model is not valid ONNX: {first}", "re-export the model") from exc
+        # Exporters often leave graph outputs without a shape, which the checker requires
+        # and ONNX Runtime does not: accept the model if shape inference supplies them.
+        try:
+            onnx.checker.check_model(onnx.shape_inference.infer_shapes(model), full_check=full)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+            first = str(exc).strip().splitlines()[0]
+            raise ModelError(
+                f"the model is not valid ONNX: {first}", "re-export the model"
+            ) from exc
 
 
 def model_inputs(model: onnx.ModelProto) -> list[TensorSpec]:

@@ -28,8 +28,11 @@ class Shapes:
         example: Mapping[str, np.ndarray] | None = None,
         *,
         per_sample: bool = False,
+        observed: Mapping[str, tuple[int, ...]] | None = None,
     ):
         graph = model.graph
+        #: Shapes seen on a real run; they win over shape inference (reshapes leave symbols).
+        self._observed = dict(observed or {})
         self._infos = {}
         self._constants = {}
         for sub in all_graphs(graph):  # If/Loop bodies have value_info of their own
@@ -41,6 +44,8 @@ class Shapes:
         """Concrete shape of ``name`` (unknown symbolic dims as 1), or None if unknown."""
         if name in self._constants:
             return self._constants[name]
+        if name in self._observed:
+            return self._observed[name]
         info = self._infos.get(name)
         if info is None or not info.type.tensor_type.HasField("shape"):
             return None

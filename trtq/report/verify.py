@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from trtq.calib.collect import batch_size, first_samples
 from trtq.report.metrics import per_sample_cosine
 
 log = logging.getLogger(__name__)
@@ -47,28 +48,15 @@ def run_outputs(
     except Exception as exc:  # ORT's NOT_IMPLEMENTED and friends have no common base class
         reason = str(exc).strip().splitlines()[0][:200]
         log.info("ONNX Runtime cannot run the rewritten model (%s)", reason)
-    samples = _batch_size(feeds)
+    samples = batch_size(feeds)
     affordable = min(samples, REFERENCE_EVALUATOR_MAX_MACS // max(macs_per_sample, 1))
     if affordable < 1:
         why = "ONNX Runtime cannot run it and it is too large for onnx.reference"
         return None, feeds, f"none: {why} ({reason})"
     from onnx.reference import ReferenceEvaluator
 
-    subset = _first_samples(feeds, samples, affordable)
+    subset = first_samples(feeds, affordable, model)
     return list(ReferenceEvaluator(model).run(None, subset)), subset, "onnx.reference"
-
-
-def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
-    """The leading dim of the first input with one (scalars and states may have none)."""
-    return next((len(a) for a in feeds.values() if np.ndim(a) > 0), 1)
-
-
-def _first_samples(feeds: Mapping[str, np.ndarray], samples: int, keep: int) -> dict:
-    """The first ``keep`` samples of every batch-major input; other inputs unchanged."""
-    return {
-        name: array[:keep] if np.ndim(array) > 0 and len(array) == samples else array
-        for name, array in feeds.items()
-    }
 
 
 def numeric_check(
@@ -94,4 +82,4 @@ def numeric_check(
             continue
         cosine = per_sample_cosine(np.asarray(ref, np.float64), np.asarray(got, np.float64))
         outputs[name] = {"cosine_mean": float(np.mean(cosine)), "cosine_min": float(np.min(cosine))}
-    return {"backend": backend, "samples": _batch_size(feeds), "outputs": outputs}
+    return {"backend": backend, "samples": batch_size(feeds), "outputs": outputs}
