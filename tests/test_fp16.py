@@ -262,3 +262,37 @@ def test_unknown_ops_stay_fp32(precision):
     )
     plan = fp16.plan_precision(model, fp16.MixedPrecisionOptions(precision=precision))
     assert "no schema" in plan.reasons["mystery"]
+
+
+def test_attention_mask_fills_keep_the_masked_softmax_in_fp32():
+    """scores + (1 - mask) * -3.4e38 -> Softmax: the fills are not FP16 values."""
+    model = small_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["scores"], name="scores"),
+            helper.make_node("Sub", ["one", "mask"], ["inverted"], name="invert"),
+            helper.make_node("Mul", ["inverted", "lowest"], ["fills"], name="fill"),
+            helper.make_node("Add", ["scores", "fills"], ["masked"], name="apply_mask"),
+            helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="softmax"),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [
+            numpy_helper.from_array(RNG.standard_normal((16, 8)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+            numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "lowest"),
+        ],
+    )
+    mask = np.ones((8, 8), np.float32)
+    mask[:, 6:] = 0
+    batch = {"x": RNG.standard_normal((8, 16)).astype(np.float32), "mask": mask}
+    result = mixed(model, [batch])
+    fp32 = {n["name"]: n["reason"] for n in result.report["mixed_precision"]["fp32_nodes"]}
+    assert {"fill", "apply_mask", "softmax"} <= set(fp32)
+    assert "mask fills" in fp32["apply_mask"]
+    assert "scores" not in fp32
+    got = run(result.model, batch)[0]
+    np.testing.assert_allclose(got, run(model, batch)[0], atol=2e-3)
+    assert np.all(got[:, 6:] == 0)

@@ -18,6 +18,7 @@ fidelity.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -118,7 +119,12 @@ def quantize(
     result = infer_shapes(export(graph, like=model))
     precision_plan = None
     if mixed is not None:
-        amax = {name: h.amax for name, h in stats.histograms.items()} if stats else {}
+        # A tensor with mask fills (-3.4e38, -inf) is as far out of FP16's range as it gets.
+        amax = (
+            {n: math.inf if h.sentinel_count else h.amax for n, h in stats.histograms.items()}
+            if stats
+            else {}
+        )
         precision_plan = fp16.plan_precision(result, mixed, amax, Shapes(result, example))
         result = infer_shapes(fp16.convert(result, precision_plan, mixed))
     check_model(result, full=True)

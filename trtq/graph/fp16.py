@@ -139,6 +139,8 @@ def _reason_to_keep(node, options, types, weights, opset, pattern, amax, shapes)
     limit = options.activation_limit
     for name in (*node.input, *node.output):
         if name in amax and amax[name] > limit:
+            if math.isinf(amax[name]):
+                return f"activation {name} holds mask fills (±inf or |x| >= 1e9)"
             return f"activation {name} reaches |x| = {amax[name]:.4g} > {limit:g}"
     if options.precision == "fp16":
         for name in node.input:
