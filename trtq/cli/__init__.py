@@ -14,16 +14,19 @@ from collections.abc import Sequence
 
 from trtq import __version__
 from trtq.cli import (
+    bench_cmd,
     build_cmd,
     calibrate_cmd,
     compare_cmd,
     inspect_cmd,
     normalize_cmd,
     quantize_cmd,
+    run_cmd,
 )
 from trtq.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
 
 COMMANDS = (inspect_cmd, normalize_cmd, calibrate_cmd, quantize_cmd, compare_cmd, build_cmd)
+COMMANDS += (run_cmd, bench_cmd)
 
 log = logging.getLogger("trtq")
 

@@ -10,11 +10,18 @@ from trtq.calib.calibrate import calibrate, choose_ranges
 from trtq.calib.collect import Shard, parse_memory
 from trtq.calib.histogram import DEFAULT_BINS
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS
-from trtq.cli.common import add_command, add_data_arguments, open_data
+from trtq.cli.common import (
+    add_command,
+    add_data_arguments,
+    add_freeze_argument,
+    open_data,
+    parse_frozen,
+)
 from trtq.errors import UserError
 from trtq.graph.load import check_model, load_model, model_inputs
 from trtq.graph.normalize import normalize
 from trtq.graph.patterns import compute_op_inputs, float_activations
+from trtq.polygraphy import add_export_loader_argument, export_loader
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +80,17 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("--shard", type=Shard.parse, help="calibrate only shard K of N: K/N")
     parser.add_argument("--merge", nargs="+", metavar="STATS", help="merge shard stats files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_freeze_argument(parser)
     add_data_arguments(parser)
+    add_export_loader_argument(parser)  # polygraphy interop: trtq/polygraphy.py
 
 
 def run(args: argparse.Namespace) -> int:
     if args.merge:
         if args.model or args.calib or args.shard:
             raise UserError("--merge takes only stats files", "drop MODEL, --calib and --shard")
+        if args.export_loader:  # polygraphy interop: a merge reads no data to export
+            raise UserError("--export-loader needs --calib DATA", "pass it when calibrating")
         stats = merge_stats([CalibrationStats.read(p) for p in args.merge], args.merge)
         stats.ranges = choose_ranges(stats, args.method, args.percentile)
     else:
@@ -89,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("a shard cannot write a cache", "merge the shards, then write it")
         model = load_model(args.model)
         check_model(model)
-        model = normalize(model)
+        model = normalize(model, frozen=parse_frozen(args.freeze_input))
         batches = open_data(args, args.calib, model_inputs(model))
+        export_loader(args, args.calib, model_inputs(model), "calibrated on")  # polygraphy
         tensors_kind = args.tensors or ("all" if args.cache else "quantizable")
         tensors = float_activations(model) if tensors_kind == "all" else compute_op_inputs(model)
         stats = calibrate(

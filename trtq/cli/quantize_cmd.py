@@ -10,11 +10,19 @@ from pathlib import Path
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.collect import parse_memory
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS
-from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
+from trtq.cli.common import (
+    add_command,
+    add_data_arguments,
+    add_freeze_argument,
+    open_data,
+    parse_frozen,
+    print_json,
+)
 from trtq.fileio import save_model, write_text
 from trtq.graph import fp16, qdq
 from trtq.graph.load import load_model, model_inputs
 from trtq.graph.patterns import COMPUTE_OPS
+from trtq.polygraphy import add_export_loader_argument, export_loader
 from trtq.quantize import CalibrationOptions, quantize
 
 log = logging.getLogger(__name__)
@@ -104,7 +112,9 @@ def add_parser(subparsers, parents) -> None:
     calib.add_argument("--max-memory", type=parse_memory, help="see trtq calibrate --help")
     calib.add_argument("--providers", help="ONNX Runtime providers for calibration (default cpu)")
     calib.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_freeze_argument(parser)
     add_data_arguments(parser)
+    add_export_loader_argument(parser)  # polygraphy interop: trtq/polygraphy.py
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     batches = None
     if args.calib:
         batches = open_data(args, args.calib, model_inputs(model))
+    export_loader(args, args.calib, model_inputs(model), "calibrated on")  # polygraphy
     quantizing = args.precision in qdq.PRECISIONS
     low = args.high_precision if quantizing else args.precision
     result = quantize(
@@ -147,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         stats=stats,
         cache=cache,
+        frozen=parse_frozen(args.freeze_input),
     )
     save_model(result.model, args.output)
     report = {"model": args.model, "output": args.output, **result.report}
