@@ -451,7 +451,7 @@ def top1_probability(model: str, data: str, inputs, batch_size: int) -> float | 
     import numpy as np
 
     from trtq.calib.data import open_batches
-    from trtq.report.compare import open_session
+    from trtq.sessions import open_session
 
     session = open_session(model, None)
     names = [value.name for value in session.get_inputs()]

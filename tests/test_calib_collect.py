@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trtq.calib.collect import Shard, collect, parse_memory, plan_groups, resolve_providers
+from trtq.calib.collect import Shard, collect, parse_memory, plan_groups
 from trtq.errors import UserError
 from trtq.graph.load import load_model
 from trtq.graph.normalize import normalize
 from trtq.graph.patterns import compute_op_inputs, float_activations
+from trtq.sessions import resolve_providers
 
 
 @pytest.fixture(scope="module")

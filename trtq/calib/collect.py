@@ -13,10 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from trtq.calib.histogram import DEFAULT_BINS, Histogram
 from trtq.errors import UserError
 from trtq.graph.shapes import Shapes
+from trtq.sessions import open_session
 
 log = logging.getLogger(__name__)
 
@@ -244,35 +243,8 @@ def _session(
         else:
             value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         exposed.graph.output.append(value)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The arena keeps the largest batch's buffers forever; calibration wants memory back.
-    options.enable_cpu_mem_arena = False
-    chosen = resolve_providers(providers)
-    if exposed.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-        return ort.InferenceSession(exposed.SerializeToString(), options, providers=chosen)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "model.onnx")
-        onnx.save(exposed, path, save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(str(path), options, providers=chosen)
-
-
-def resolve_providers(requested: Sequence[str] | None) -> list[str]:
-    """Check requested ONNX Runtime providers (short names like 'cuda' allowed); default CPU."""
-    available = ort.get_available_providers()
-    if not requested:
-        return ["CPUExecutionProvider"]
-    chosen = []
-    for name in requested:
-        full = name if name.endswith("ExecutionProvider") else f"{name.upper()}ExecutionProvider"
-        match = next((p for p in available if p.lower() == full.lower()), None)
-        if match is None:
-            raise UserError(
-                f"ONNX Runtime provider {name!r} is not available here",
-                f"choose from: {', '.join(available)}",
-            )
-        chosen.append(match)
-    return chosen
+    # Calibration observes the FP32 graph: full optimisations, and memory given back.
+    return open_session(exposed, providers, fake_quant=False, memory_arena=False)
 
 
 def _session_inputs(session: ort.InferenceSession) -> list[str]:

@@ -15,7 +15,6 @@ TensorRT's.
 from __future__ import annotations
 
 import logging
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from trtq.calib.collect import Batch, resolve_providers
+from trtq.calib.collect import Batch
 from trtq.calib.data import BatchSource
 from trtq.errors import DataError, UserError
 from trtq.report.metrics import Agreement, LabelAccuracy, OutputAgreement, json_number
+from trtq.sessions import open_session
 
 log = logging.getLogger(__name__)
 
@@ -194,23 +194,6 @@ def format_report(
     for gate in gates:
         lines.append(f"{'gate':<10} {'passed' if gate.passed else 'FAILED':<6}  {gate.detail}")
     return "\n".join(lines).rstrip()
-
-
-def open_session(model: ModelSource, providers: Sequence[str] | None) -> ort.InferenceSession:
-    """An ONNX Runtime session that executes Q/DQ as written (see the module docstring)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    chosen = resolve_providers(providers)
-    if not isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(str(model), options, providers=chosen)
-    if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
-    # Over 2 GB a proto cannot be serialized: hand ORT a file with external data.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(str(path), options, providers=chosen)
 
 
 def load_labels(path: str | Path, key: str = DEFAULT_LABELS_KEY) -> np.ndarray:

@@ -14,25 +14,15 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from trtq.calib.collect import batch_size, first_samples
 from trtq.report.metrics import per_sample_cosine
+from trtq.sessions import open_session
 
 log = logging.getLogger(__name__)
 
 #: Work the numpy reference evaluator may be given (multiply-accumulates, all samples).
 REFERENCE_EVALUATOR_MAX_MACS = 200_000_000
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session, basic optimisations: Q/DQ stays fake-quantization, as in TensorRT."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def run_outputs(
@@ -44,7 +34,7 @@ def run_outputs(
     """
     feeds = dict(feeds)
     try:
-        return session(model).run(None, feeds), feeds, "onnxruntime"
+        return open_session(model).run(None, feeds), feeds, "onnxruntime"
     except Exception as exc:  # ORT's NOT_IMPLEMENTED and friends have no common base class
         reason = str(exc).strip().splitlines()[0][:200]
         log.info("ONNX Runtime cannot run the rewritten model (%s)", reason)
@@ -74,7 +64,7 @@ def numeric_check(
     actual, feeds, backend = run_outputs(candidate, feeds, macs_per_sample)
     if actual is None:
         return {"backend": backend, "outputs": {}}
-    expected = session(reference).run(None, feeds)
+    expected = open_session(reference).run(None, feeds)
     names = [o.name for o in reference.graph.output]
     outputs = {}
     for name, ref, got in zip(names, expected, actual, strict=True):

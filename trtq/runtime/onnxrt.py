@@ -68,7 +68,7 @@ class OnnxRuntimeEngine(Engine):
     """An ONNX model run by ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``providers`` takes ONNX Runtime names or short ones (``["cuda", "cpu"]``), checked by
-    :func:`trtq.calib.collect.resolve_providers`; ``device`` is the GPU for GPU providers.
+    :func:`trtq.sessions.resolve_providers`; ``device`` is the GPU for GPU providers.
     ``plugins`` (TensorRT plugin libraries) mean nothing to ONNX Runtime and are ignored.
     """
 
@@ -82,9 +82,9 @@ class OnnxRuntimeEngine(Engine):
         providers: Sequence[str] | None = None,
         plugins: Sequence[str | Path] | None = None,
     ) -> None:
-        from trtq.calib.collect import resolve_providers
         from trtq.graph.inspect import QUANTIZED_OPS
         from trtq.graph.load import load_model
+        from trtq.sessions import resolve_providers, session_options
 
         path = Path(path)
         if plugins:
@@ -93,10 +93,7 @@ class OnnxRuntimeEngine(Engine):
         weights = {init.name for init in model.graph.initializer}
         quantized = any(node.op_type in QUANTIZED_OPS for node in model.graph.node)
         del model
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if quantized:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options = session_options(fake_quant=quantized)
         chosen = resolve_providers(providers)
         self.providers = chosen
         with_options = [
