@@ -117,7 +117,7 @@ def test_not_onnx(capsys, tmp_path):
 def test_output_folder_missing(capsys, mnist_model, tmp_path):
     code, _, err = trtq(capsys, "normalize", mnist_model, "-o", tmp_path / "no" / "x.onnx")
     assert code == EXIT_USER_ERROR
-    assert_one_line_error(err, "output folder does not exist")
+    assert_one_line_error(err, "-o/--output: folder", "does not exist", "create it first")
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from trtq import __version__
 from trtq.cli import (
@@ -25,8 +26,17 @@ from trtq.cli import (
 )
 from trtq.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
 
-COMMANDS = (inspect_cmd, normalize_cmd, calibrate_cmd, quantize_cmd, compare_cmd, build_cmd)
-COMMANDS += (run_cmd, bench_cmd)
+#: In the order of the pipeline, as `trtq --help` lists them.
+COMMANDS = (
+    inspect_cmd,
+    normalize_cmd,
+    calibrate_cmd,
+    quantize_cmd,
+    compare_cmd,
+    build_cmd,
+    run_cmd,
+    bench_cmd,
+)
 
 log = logging.getLogger("trtq")
 
@@ -57,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose - args.quiet)
     try:
+        _check_output_folders(args)
         return int(args.run(args) or 0)
     except UserError as exc:
         if args.debug:
@@ -76,6 +87,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL_ERROR
+
+
+#: Flags naming files a command writes (or reads and then writes): their folder must exist.
+_OUTPUT_FLAGS = (
+    "output",
+    "report",
+    "cache",
+    "stats",
+    "save_outputs",
+    "export_loader",
+    "timing_cache",
+)
+
+
+def _check_output_folders(args: argparse.Namespace) -> None:
+    """Fail before a long calibration, not after it, when an output cannot be written."""
+    for flag in _OUTPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str | Path) and value:
+            folder = Path(value).parent
+            if str(folder) and not folder.is_dir():
+                option = "-o/--output" if flag == "output" else f"--{flag.replace('_', '-')}"
+                raise UserError(f"{option}: folder {folder} does not exist", "create it first")
 
 
 def _configure_logging(verbosity: int) -> None:
