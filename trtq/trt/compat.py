@@ -127,6 +127,9 @@ USED_ATTRIBUTES: tuple[str, ...] = (
     "get_plugin_registry",
     "IPluginRegistry.load_library",
     "init_libnvinfer_plugins",
+    # the runtime (trtq/runtime/engine.py): host-memory shape tensors are refused at load
+    "ICudaEngine.get_tensor_location",
+    "TensorLocation.HOST",
 )
 
 #: Attributes used only where a feature says so: ``(feature, present)`` -> names. With
