@@ -14,7 +14,6 @@ absolute, so the script works from any folder on the machine that wrote it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import fields
@@ -108,42 +107,3 @@ def _preprocess_source(preprocess: ImagePreprocess | None) -> str:
         if getattr(preprocess, field.name) != field.default
     ]
     return f"ImagePreprocess({', '.join(given)})"
-
-
-# --- the --export-loader flag of trtq calibrate and trtq quantize --------------------------
-
-
-def add_export_loader_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--export-loader",
-        metavar="LOADER.py",
-        help="also write a polygraphy data loader script yielding the same batches "
-        "(polygraphy run ... --data-loader-script LOADER.py)",
-    )
-
-
-def export_loader(
-    args: argparse.Namespace, source: str | None, inputs: Sequence[TensorSpec], purpose: str
-) -> None:
-    """``--export-loader`` for a command with :func:`trtq.cli.common.add_data_arguments`."""
-    if not args.export_loader:
-        return
-    if not source:
-        raise UserError("--export-loader needs data to export", "pass --calib DATA")
-    preprocess = ImagePreprocess.parse(
-        resize=args.resize,
-        mean=args.mean,
-        std=args.std,
-        scale=args.scale,
-        layout=args.layout,
-        color=args.color,
-    )
-    write_loader_script(
-        args.export_loader,
-        source,
-        inputs,
-        args.batch_size,
-        limit=args.limit,
-        preprocess=preprocess,
-        purpose=purpose,
-    )

@@ -13,7 +13,9 @@ from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.cli.common import (
     add_command,
     add_data_arguments,
+    add_export_loader_argument,
     add_freeze_argument,
+    export_loader,
     open_data,
     parse_frozen,
 )
@@ -21,7 +23,6 @@ from trtq.errors import UserError
 from trtq.graph.load import check_model, load_model, model_inputs
 from trtq.graph.normalize import normalize
 from trtq.graph.patterns import compute_op_inputs, float_activations
-from trtq.polygraphy import add_export_loader_argument, export_loader
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_freeze_argument(parser)
     add_data_arguments(parser)
-    add_export_loader_argument(parser)  # polygraphy interop: trtq/polygraphy.py
+    add_export_loader_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         check_model(model)
         model = normalize(model, frozen=parse_frozen(args.freeze_input))
         batches = open_data(args, args.calib, model_inputs(model))
-        export_loader(args, args.calib, model_inputs(model), "calibrated on")  # polygraphy
+        export_loader(args, args.calib, model_inputs(model), "calibrated on")
         tensors_kind = args.tensors or ("all" if args.cache else "quantizable")
         tensors = float_activations(model) if tensors_kind == "all" else compute_op_inputs(model)
         stats = calibrate(

@@ -61,11 +61,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_data(args: argparse.Namespace, source: str, inputs):
-    """Open ``source`` as batches for ``inputs`` with the flags of :func:`add_data_arguments`."""
-    from trtq.calib.data import ImagePreprocess, open_batches
+def image_preprocess(args: argparse.Namespace):
+    """The ImagePreprocess the image flags of :func:`add_data_arguments` describe (or None)."""
+    from trtq.calib.data import ImagePreprocess
 
-    preprocess = ImagePreprocess.parse(
+    return ImagePreprocess.parse(
         resize=args.resize,
         mean=args.mean,
         std=args.std,
@@ -73,8 +73,48 @@ def open_data(args: argparse.Namespace, source: str, inputs):
         layout=args.layout,
         color=args.color,
     )
+
+
+def open_data(args: argparse.Namespace, source: str, inputs):
+    """Open ``source`` as batches for ``inputs`` with the flags of :func:`add_data_arguments`."""
+    from trtq.calib.data import open_batches
+
     return open_batches(
-        source, inputs, batch_size=args.batch_size, limit=args.limit, preprocess=preprocess
+        source,
+        inputs,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        preprocess=image_preprocess(args),
+    )
+
+
+def add_export_loader_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--export-loader",
+        metavar="LOADER.py",
+        help="also write a polygraphy data loader script yielding the same batches "
+        "(polygraphy run ... --data-loader-script LOADER.py)",
+    )
+
+
+def export_loader(args: argparse.Namespace, source: str | None, inputs, purpose: str) -> None:
+    """``--export-loader``: a polygraphy loader for the data the other flags describe."""
+    if not args.export_loader:
+        return
+    if not source:
+        from trtq.errors import UserError
+
+        raise UserError("--export-loader needs data to export", "pass --calib DATA")
+    from trtq.polygraphy import write_loader_script
+
+    write_loader_script(
+        args.export_loader,
+        source,
+        inputs,
+        args.batch_size,
+        limit=args.limit,
+        preprocess=image_preprocess(args),
+        purpose=purpose,
     )
 
 

@@ -13,7 +13,9 @@ from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.cli.common import (
     add_command,
     add_data_arguments,
+    add_export_loader_argument,
     add_freeze_argument,
+    export_loader,
     open_data,
     parse_frozen,
     print_json,
@@ -22,7 +24,6 @@ from trtq.fileio import save_model, write_text
 from trtq.graph import fp16, qdq
 from trtq.graph.load import load_model, model_inputs
 from trtq.graph.patterns import COMPUTE_OPS
-from trtq.polygraphy import add_export_loader_argument, export_loader
 from trtq.quantize import CalibrationOptions, quantize
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def add_parser(subparsers, parents) -> None:
     calib.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_freeze_argument(parser)
     add_data_arguments(parser)
-    add_export_loader_argument(parser)  # polygraphy interop: trtq/polygraphy.py
+    add_export_loader_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     batches = None
     if args.calib:
         batches = open_data(args, args.calib, model_inputs(model))
-    export_loader(args, args.calib, model_inputs(model), "calibrated on")  # polygraphy
+    export_loader(args, args.calib, model_inputs(model), "calibrated on")
     quantizing = args.precision in qdq.PRECISIONS
     low = args.high_precision if quantizing else args.precision
     result = quantize(
