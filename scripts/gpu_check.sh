@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 site=/tmp/trtq-gpu-site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu-wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .gpu-wheels/*.whl
 ln -sfn "$site/tensorrt_bindings" "$site/tensorrt"
 stubs=/tmp/trtq-trt-stubs
 mkdir -p "$stubs"
@@ -21,5 +21,5 @@ done
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pytest -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu_streaming.py tests/test_gpu_runtime.py -v 2>&1 | tee "$OUT/pytest.log"
+python3 -m pytest -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu_streaming.py tests/test_gpu_runtime.py tests/test_gpu_plugins.py -v 2>&1 | tee "$OUT/pytest.log"
 python3 bench/gpu_streaming.py --json "$OUT/gpu_streaming.json" 2>&1 | tee "$OUT/bench.log"

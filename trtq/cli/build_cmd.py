@@ -142,7 +142,7 @@ def add_parser(subparsers, parents) -> None:
         action="extend",
         default=[],
         metavar="LIB",
-        help="plugin libraries (.so) to load before parsing",
+        help="plugins to load before parsing: libraries (.so) or Python plugin modules (.py)",
     )
     engine.add_argument(
         "--version-compatible",

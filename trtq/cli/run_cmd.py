@@ -61,7 +61,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--plugins",
         nargs="+",
         metavar="LIB",
-        help="TensorRT plugin libraries (.so) to load first (ignored for .onnx models)",
+        help="TensorRT plugins (.so libraries or .py modules) to load first (ignored for .onnx)",
     )
 
 

@@ -15,8 +15,11 @@ without a GPU.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -266,7 +269,9 @@ def load_plugins(trt: ModuleType, logger: Any, plugins: Iterable[str | Path]) ->
 
     Done before parsing, because the ONNX parser looks up a node's plugin in the
     registry when it meets it. A library that does not load would otherwise
-    surface later as an unrelated "unsupported operator".
+    surface later as an unrelated "unsupported operator". A ``.py`` file is a Python
+    plugin module (``tensorrt.plugin``, TensorRT >= 10.6): importing it registers its
+    plugins (see :func:`import_plugin_module`).
     """
     plugins = [Path(p) for p in plugins]
     init = getattr(trt, "init_libnvinfer_plugins", None)
@@ -283,6 +288,9 @@ def load_plugins(trt: ModuleType, logger: Any, plugins: Iterable[str | Path]) ->
                 f"cannot load plugin library {path}: TensorRT has no plugin registry",
                 "check that TensorRT and a GPU are usable here",
             )
+        if path.suffix == ".py":
+            import_plugin_module(path)
+            continue
         try:
             handle = registry.load_library(str(path))
         except Exception as exc:  # the bindings raise RuntimeError or TypeError
@@ -298,6 +306,38 @@ def load_plugins(trt: ModuleType, logger: Any, plugins: Iterable[str | Path]) ->
                 "LD_LIBRARY_PATH, and no plugin in it is registered twice",
             )
         log.debug("loaded plugin library %s", path)
+
+
+#: Python plugin modules imported so far, by resolved path: a second import would register
+#: the same plugins again, which ``tensorrt.plugin`` refuses.
+_PLUGIN_MODULES: dict[Path, ModuleType] = {}
+
+
+def import_plugin_module(path: str | Path) -> ModuleType:
+    """Import the Python plugin module at ``path`` once; its decorators register its plugins."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _PLUGIN_MODULES:
+        return _PLUGIN_MODULES[key]
+    stem = re.sub(r"\W", "_", key.stem)
+    name = f"trtq_plugin_{stem}_{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, key)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot import plugin module {path}", "pass a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # anything the module raises: a missing import, a double registration
+        del sys.modules[name]
+        raise UserError(
+            f"cannot import plugin module {path}: {type(exc).__name__}: {_first_line(exc)}",
+            "check that it imports with this TensorRT (Python plugins need TensorRT >= 10.6) "
+            "and that no other module registers the same plugins",
+        ) from exc
+    _PLUGIN_MODULES[key] = module
+    log.debug("imported plugin module %s", path)
+    return module
 
 
 def parse_onnx(parser: Any, source: str | Path | bytes) -> None:
