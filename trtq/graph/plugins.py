@@ -331,3 +331,63 @@ def reference_evaluator(model: onnx.ModelProto, **kwargs):
     from onnx.reference import ReferenceEvaluator
 
     return ReferenceEvaluator(model, new_ops=list(REFERENCE_OPS), **kwargs)
+
+
+# --- ONNX Runtime, through onnxruntime-extensions ------------------------------------------
+
+#: onnxruntime-extensions serves Python custom ops from this one domain only.
+_PYOP_DOMAIN = "ai.onnx.contrib"
+_PYOP_REGISTERED = False
+
+
+def onnxruntime_session(model: onnx.ModelProto):
+    """An ONNX Runtime session that runs ``trtq`` plugin nodes with the numpy reference.
+
+    ONNX Runtime has no ``trtq::STFT`` kernel; onnxruntime-extensions (``trtq[dev]``) lets a
+    Python function serve as one, under its own domain, so the plugin nodes are moved there
+    in a copy of the model. The rest of the graph runs on ONNX Runtime's own kernels.
+    """
+    import onnxruntime as ort
+
+    from trtq.errors import require
+
+    extensions = require(
+        "onnxruntime_extensions", "dev", "running trtq plugin nodes in ONNX Runtime"
+    )
+    _register_pyops(extensions)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == PLUGIN_DOMAIN:
+            node.domain = _PYOP_DOMAIN
+    if not any(o.domain == _PYOP_DOMAIN for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid(_PYOP_DOMAIN, 1))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(extensions.get_library_path())
+    return ort.InferenceSession(
+        copy.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _register_pyops(extensions) -> None:
+    global _PYOP_REGISTERED
+    if _PYOP_REGISTERED:
+        return
+    kinds = extensions.PyCustomOpDef
+
+    @extensions.onnx_op(
+        op_type=STFT_OP,
+        inputs=[kinds.dt_float, kinds.dt_float],
+        outputs=[kinds.dt_float],
+        attrs={
+            "frame_step": kinds.dt_int64,
+            "frame_length": kinds.dt_int64,
+            "onesided": kinds.dt_int64,
+            "aot": kinds.dt_int64,
+        },
+    )
+    def _stft(signal, window, **attrs):
+        return stft_reference(signal, window, int(attrs["frame_step"]), int(attrs["frame_length"]))
+
+    _PYOP_REGISTERED = True
