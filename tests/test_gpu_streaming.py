@@ -14,15 +14,9 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def driver():
-    cuda = pytest.importorskip("pycuda.driver")
-    cuda.init()
-    if cuda.Device.count() == 0:
-        pytest.skip("no CUDA device")
-    context = cuda.Device(0).retain_primary_context()
-    context.push()
-    yield cuda
-    cuda.Context.pop()
+def driver(cuda):
+    """pycuda.driver, current context on device 0 (the shared ``cuda`` fixture)."""
+    return cuda
 
 
 def read_back(cuda, pointer: int, like: np.ndarray) -> np.ndarray:
