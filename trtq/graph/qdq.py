@@ -196,7 +196,10 @@ def _decide(
         return floating(f"input {activation.name} is not float")
     tiny = _tiny(node, weight.values.shape, options.min_channels)
     if tiny:
-        return floating(f"tiny {tiny}: INT8 does not pay below {options.min_channels} channels")
+        precision = options.precision.upper()
+        return floating(
+            f"tiny {tiny}: {precision} does not pay below {options.min_channels} channels"
+        )
     return NodeDecision(
         node.name,
         node.op,
