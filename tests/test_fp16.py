@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from trtq.graph import fp16
 from trtq.graph.load import load_model
-from trtq.quantize import CalibrationOptions, quantize
+from trtq.quantizer import CalibrationOptions, quantize
 
 RNG = np.random.default_rng(0)
 FP16 = fp16.MixedPrecisionOptions(precision="fp16")

@@ -1,7 +1,7 @@
 """Q/DQ placement and insertion (DESIGN.md §5), checked on the quantized ONNX and in ONNX Runtime.
 
 Every test builds a small FP32 model with onnx.helper (channel counts >= 16, so nothing is
-left in float as "tiny" unless the test means it), quantizes it with :func:`trtq.quantize.quantize`
+left in float as "tiny" unless the test means it), quantizes it with :func:`trtq.quantizer.quantize`
 and inspects the graph that comes out: where the QuantizeLinear/DequantizeLinear nodes are,
 what they hold, and what the model computes.
 """
@@ -23,7 +23,7 @@ from trtq.calib.ranges import TensorRange
 from trtq.errors import ModelError
 from trtq.graph import qdq
 from trtq.graph.qdq import PlacementOptions
-from trtq.quantize import CalibrationOptions, QuantizeResult, quantize
+from trtq.quantizer import CalibrationOptions, QuantizeResult, quantize
 
 RNG = np.random.default_rng(0)
 OPSET = 17

@@ -261,7 +261,7 @@ def test_quantized_models_keep_fake_quantization(tmp_path, mnist_batch):
     from trtq.calib.data import open_batches
     from trtq.fileio import save_model
     from trtq.graph.load import load_model, model_inputs
-    from trtq.quantize import CalibrationOptions, quantize
+    from trtq.quantizer import CalibrationOptions, quantize
 
     model = load_model(MNIST)
     batches = open_batches(CALIB_DATA / "mnist_calib.npz", model_inputs(model), limit=64)

@@ -28,7 +28,7 @@ from trtq.fileio import save_model
 from trtq.graph import fp16, qdq
 from trtq.graph.inspect import ModelSummary, summarize
 from trtq.graph.load import load_model, model_inputs
-from trtq.quantize import CalibrationOptions, quantize
+from trtq.quantizer import CalibrationOptions, quantize
 from trtq.trt import compat
 from trtq.trt.builder import (
     BuildOptions,

@@ -24,7 +24,7 @@ from trtq.fileio import save_model, write_text
 from trtq.graph import fp16, qdq
 from trtq.graph.load import load_model, model_inputs
 from trtq.graph.patterns import COMPUTE_OPS
-from trtq.quantize import CalibrationOptions, quantize
+from trtq.quantizer import CalibrationOptions, quantize
 
 log = logging.getLogger(__name__)
 
