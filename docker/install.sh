@@ -20,6 +20,7 @@
 # Environment: PYTHON (interpreter that creates the venv or is installed into; default python3),
 # CUDA_ROOT or CUDA_HOME (the CUDA toolkit; default: from nvcc on PATH, else /usr/local/cuda).
 # pip's own variables (PIP_INDEX_URL, PIP_NO_CACHE_DIR, ...) pass through.
+# Also copies the MNIST sample of calib_data/ into <prefix>/share/trtq/sample (trtq doctor).
 # Idempotent: an existing venv is reused and trtq is reinstalled from the current source.
 set -euo pipefail
 
@@ -168,7 +169,24 @@ if [[ -n "$trt_major" ]] && ! "$python" -c 'import tensorrt' 2>/dev/null; then
     fi
 fi
 
-# --- 4. Verify -----------------------------------------------------------------------------
+# --- 4. The MNIST sample that `trtq doctor` builds into engines ----------------------------
+# A checkout has it in calib_data/; an installed trtq (the image's: its source is deleted after
+# this script) finds it in <prefix>/share/trtq/sample, where trtq/doctor.py looks.
+sample_src="$REPO/calib_data"
+sample_files=(mnist_cnn.onnx mnist_calib.npz mnist_test.npz)
+sample_dest="$("$python" -c 'import sys; print(sys.prefix)')/share/trtq/sample"
+have_sample=1
+for name in "${sample_files[@]}"; do [[ -f "$sample_src/$name" ]] || have_sample=0; done
+if [[ $have_sample -eq 1 ]]; then
+    if ! mkdir -p "$sample_dest" || ! (cd "$sample_src" && cp "${sample_files[@]}" "$sample_dest/"); then
+        die "could not copy the MNIST sample into $sample_dest"
+    fi
+    say "the MNIST sample for trtq doctor: $sample_dest"
+else
+    say "no MNIST sample in $sample_src: trtq doctor will need --sample-dir"
+fi
+
+# --- 5. Verify -----------------------------------------------------------------------------
 # The command pip wrote: venv/bin in a venv; elsewhere wherever the interpreter puts scripts.
 trtq_cmd="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/trtq"
 [[ -x "$trtq_cmd" ]] || trtq_cmd="$(command -v trtq || true)"

@@ -32,3 +32,48 @@ def assert_equivalent(
         scale = max(float(np.max(np.abs(ref))), 1e-12)
         err = float(np.max(np.abs(ref.astype(np.float64) - got)))
         assert err <= rtol * scale, f"max abs diff {err:.3g} > {rtol} x output scale {scale:.3g}"
+
+
+def planted_outlier_model(seed: int = 0) -> onnx.ModelProto:
+    """Three 16-channel Convs, the last of which per-tensor INT8 destroys (and only it).
+
+    ``conv_b`` writes its channel 0 at 1000x the scale of the others, and ``conv_c``
+    ignores that channel (zero weights). The one range of ``conv_c``'s input is set by
+    the outlier channel, so every channel ``conv_c`` does read rounds to zero: its INT8
+    output is nothing like FP32. ``conv_a`` and ``conv_b`` read ordinary activations.
+    Input ``x`` [N, 16, 8, 8], output ``y``.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w_a = rng.normal(0, 0.3, (16, 16, 3, 3)).astype(np.float32)
+    w_b = rng.normal(0, 0.3, (16, 16, 1, 1)).astype(np.float32)
+    w_b[0] *= 1000.0
+    w_c = rng.normal(0, 0.3, (16, 16, 3, 3)).astype(np.float32)
+    w_c[:, 0] = 0.0
+    nodes = [
+        helper.make_node("Conv", ["x", "w_a"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
+        helper.make_node("Conv", ["a_relu", "w_b"], ["b"], name="conv_b"),
+        helper.make_node("Conv", ["b", "w_c"], ["y"], name="conv_c", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "planted_outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [
+            numpy_helper.from_array(w, name)
+            for name, w in (("w_a", w_a), ("w_b", w_b), ("w_c", w_c))
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def planted_batches(samples: int = 256, batch: int = 16, seed: int = 1) -> list[dict]:
+    """Inputs for :func:`planted_outlier_model`: standard normal, in batches."""
+    x = np.random.default_rng(seed).normal(size=(samples, 16, 8, 8)).astype(np.float32)
+    return [{"x": x[i : i + batch]} for i in range(0, samples, batch)]

@@ -25,20 +25,17 @@ import onnx
 import pytest
 from conftest import CALIB_DATA, REPO
 
+import trtq
 from trtq.calib.cache import TrtCache
+from trtq.calib.scope import trt_tensors
 from trtq.cli import main
 from trtq.errors import EXIT_USER_ERROR, ModelError, UserError
 from trtq.graph.load import model_inputs, model_outputs
 from trtq.trt import builder as trt_builder
 from trtq.trt import sidecar
-from trtq.trt.builder import (
-    BuildOptions,
-    ShapeRange,
-    TensorInfo,
-    build_serialized,
-    check_profile,
-    parse_shapes,
-)
+from trtq.trt.builder import BuildOptions, build_serialized
+from trtq.trt.calibrator import cache_calibrator
+from trtq.trt.shapes import ShapeRange, TensorInfo, check_profile, parse_shapes
 
 MODEL = CALIB_DATA / "mnist_cnn.onnx"
 CALIB = CALIB_DATA / "mnist_calib.npz"
@@ -190,7 +187,6 @@ def test_write_engine_raw_plan_and_sidecar(tmp_path):
     assert written == tmp_path / "m.engine.json"
     assert engine.read_bytes() == PLAN  # nothing prepended: trtexec and polygraphy load it
     assert json.loads(written.read_text()) == {"precision": "graph"}
-    assert sidecar.read_sidecar(engine) == {"precision": "graph"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
 
 
@@ -202,14 +198,14 @@ def test_write_engine_is_atomic(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(Path, "write_text", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device"):  # one line, exit 2
         sidecar.write_engine(engine, PLAN, {"new": True})
     monkeypatch.undo()
     # The previous pair is intact and no temporary file is left behind.
     assert engine.read_bytes() == b"old plan"
-    assert sidecar.read_sidecar(engine) == {"old": True}
+    assert json.loads(sidecar.sidecar_path(engine).read_text()) == {"old": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
-    with pytest.raises(UserError, match="output folder does not exist"):
+    with pytest.raises(UserError, match=r"folder .*missing does not exist"):
         sidecar.write_engine(tmp_path / "missing" / "m.engine", PLAN, {})
 
 
@@ -533,7 +529,7 @@ def test_weak_int8_with_calibrator_on_trt10_like(tmp_path):
     trt = fake_trt(10)
     cache = tmp_path / "m.cache"
     TrtCache.from_amax({"input": 1.0}).write(cache)
-    calibrator = trt_builder.cache_calibrator(trt, cache)
+    calibrator = cache_calibrator(trt, cache)
     assert isinstance(calibrator, trt.IInt8EntropyCalibrator2)
     assert calibrator.read_calibration_cache() == cache.read_bytes()
     assert calibrator.get_batch(["input"]) is None  # serves the cache, never data
@@ -713,7 +709,10 @@ def fixed_gpu(monkeypatch):
 
 
 def build(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["build", *map(str, argv)])
+    try:
+        code = main(["build", *map(str, argv)])
+    except SystemExit as stop:  # a flag refused while parsing
+        code = stop.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -776,9 +775,11 @@ def test_cli_already_quantized_model_is_built_untouched(trt10, tmp_path, capsys)
     assert code == EXIT_USER_ERROR and "drop --calib-mode trt" in err
 
 
-def _cache(folder: Path, version: str = "10.13.3") -> Path:
+def _cache(folder: Path, version: str = "10.13.3", method: str = "entropy") -> Path:
+    """A complete cache for MODEL: a scale for every float tensor TensorRT asks for."""
     path = folder / f"m-{version}.cache"
-    TrtCache.from_amax({"input": 1.0}, trt_version=version).write(path)
+    amax = dict.fromkeys(trt_tensors(onnx.load(MODEL)), 1.0)
+    TrtCache.from_amax(amax, method=method, trt_version=version).write(path)
     return path
 
 
@@ -800,42 +801,69 @@ def test_cli_calib_mode_trt_on_trt10_serves_the_cache(trt10, tmp_path, capsys):
     assert data["build_options"]["calibrator"] == "CacheCalibrator"
 
 
-def test_cli_calibrator_factory_is_a_seam(trt10, tmp_path):
-    from trtq.cli import build_cmd, build_parser
-
+def test_calibrator_factory_is_a_seam(trt10, tmp_path):
     seen = []
 
     def factory(trt, cache_path, algorithm):
         seen.append((trt, cache_path, algorithm))
         return trt.IInt8MinMaxCalibrator()
 
-    cache = tmp_path / "m.cache"
-    TrtCache.from_amax({"input": 1.0}, method="max").write(cache)
-    args = build_parser().parse_args(["build", str(MODEL), "-o", str(tmp_path / "m.engine"),
-                                      "--int8", "--calib-mode", "trt", "--cache", str(cache),
-                                      "--shapes", "input:1x1x28x28", "-q"])  # fmt: skip
-    assert build_cmd.run(args, calibrator_factory=factory) == 0
+    cache = _cache(tmp_path, method="max")
+    outcome = trtq.build(MODEL, tmp_path / "m.engine", int8=True, calib_mode="trt", cache=cache,
+                         shapes="input:1x1x28x28", calibrator_factory=factory)  # fmt: skip
     assert seen == [(trt10, cache, "minmax")]
+    assert outcome.sidecar["build_options"]["calibrator"] == "IInt8MinMaxCalibrator"
 
 
-def test_cli_calib_mode_trt_streams_calib_data_to_tensorrt(trt10, tmp_path):
-    """--calib with --calib-mode trt: TensorRT's calibrator gets trtq's batches (pycuda seam)."""
-    from trtq.cli import build_cmd, build_parser
-
+def test_calib_mode_trt_streams_calib_data_to_tensorrt(trt10, tmp_path):
+    """calib with calib_mode trt: TensorRT's calibrator gets trtq's batches (pycuda seam)."""
     seen = []
 
-    def streaming(trt, batches, cache_path, algorithm):
+    def streaming(trt, batches, cache_path, algorithm, shapes):
+        assert shapes == {"input": (50, 1, 28, 28)}  # TensorRT calibrates at the opt shape
         seen.append((sum(len(b["input"]) for b in batches), cache_path, algorithm))
         return trt.IInt8EntropyCalibrator2()
 
     cache = tmp_path / "written-by-tensorrt.cache"  # need not exist: TensorRT writes it
-    args = build_parser().parse_args(["build", str(MODEL), "-o", str(tmp_path / "m.engine"),
-                                      "--int8", "--calib-mode", "trt", "--calib", str(CALIB),
-                                      "--cache", str(cache), "--batch-size", "50",
-                                      "--shapes", "input:50x1x28x28", "-q"])  # fmt: skip
-    assert build_cmd.run(args, streaming_factory=streaming) == 0
+    trtq.build(MODEL, tmp_path / "m.engine", int8=True, calib_mode="trt", calib=CALIB,
+               cache=cache, batch_size=50, shapes={"input": (50, 1, 28, 28)},
+               streaming_factory=streaming)  # fmt: skip
     assert seen == [(500, cache, "entropy")]
     assert trt10.calls.find("set_flag") == [("set_flag", trt10.BuilderFlag.INT8)]
+
+
+def test_build_api_takes_a_proto_and_shape_mappings(trt11, tmp_path):
+    """trtq.build: a model in memory is parsed from its bytes, and recorded by its hash."""
+    model = onnx.load(MODEL)
+    outcome = trtq.build(model, tmp_path / "m.engine", shapes={"input": [8, 1, 28, 28]},
+                         workspace="1G")  # fmt: skip
+    assert outcome.engine.read_bytes() == PLAN and outcome.built_model is None
+    assert outcome.sidecar_path == tmp_path / "m.engine.json"
+    assert json.loads(outcome.sidecar_path.read_text()) == outcome.sidecar
+    assert trt11.calls.find("parse") == [("parse", model.ByteSize())]
+    assert outcome.sidecar["source_model"] is None
+    assert outcome.sidecar["source_model_sha256"] == sidecar.sha256_of(model.SerializeToString())
+    assert outcome.sidecar["build_options"]["workspace"] == 1 << 30
+    assert outcome.sidecar["build_options"]["profile"]["input"]["max"] == [8, 1, 28, 28]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"model": 42}, "model must be the path of an .onnx file or an onnx.ModelProto, not int"),
+        ({"calib_mode": "tensorrt"}, "unknown calibration mode 'tensorrt'"),
+        ({"shapes": {"input": (0, 1, 28, 28)}}, "dimensions must be positive integers"),
+        ({"shapes": {"input": (8, 1, 28, 28)}, "workspace": -1}, "bad workspace size -1"),
+        ({"shapes": "input:8x1x28x28", "workspace": "lots"}, "bad memory size 'lots'"),
+        ({"int8": True, "calib": {"input": 1}}, "data must be a path or an iterable"),
+    ],
+)
+def test_build_api_argument_errors_write_nothing(trt11, tmp_path, arguments, message):
+    arguments = {"model": MODEL, **arguments}
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        trtq.build(output=tmp_path / "m.engine", **arguments)
+    assert "\n" not in error.value.message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_calib_mode_trt_refused_on_trt11(trt11, tmp_path, capsys):
@@ -876,7 +904,8 @@ def test_cli_user_errors_write_nothing(trt10, tmp_path, capsys, argv, message):
     argv = [a.format(cache=cache, old=old) for a in argv]
     code, _, err = build(capsys, MODEL, "-o", tmp_path / "m.engine", *argv, "--no-progress")
     assert code == EXIT_USER_ERROR, err
-    assert len(err.splitlines()) == 1 and err.startswith("trtq: error:")
+    # Flags are checked as they are parsed ("trtq build: error: argument --shapes: ...").
+    assert len(err.splitlines()) == 1 and re.match(r"trtq( build)?: error:", err)
     assert re.search(message, err), err
     assert set(tmp_path.iterdir()) == before
 
@@ -980,7 +1009,7 @@ ATTRIBUTE_PROBE = textwrap.dedent(
     import json, sys
     from trtq.calib.cache import TrtCache
     from trtq.trt import compat, import_tensorrt
-    from trtq.trt.builder import cache_calibrator
+    from trtq.trt.calibrator import cache_calibrator
     from trtq.errors import UserError
 
     always, by_feature, cache = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]

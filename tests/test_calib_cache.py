@@ -68,7 +68,7 @@ def test_foreign_and_corrupt_caches(tmp_path):
 
 
 def test_invalid_scale_is_refused():
-    with pytest.raises(ValueError, match="invalid scale"):
+    with pytest.raises(DataError, match=r"tensor 'x' has amax 0\.0: zero"):
         TrtCache.from_amax({"x": 0.0})
 
 
@@ -105,5 +105,8 @@ def test_bad_stats_files(tmp_path):
     with pytest.raises(DataError, match="not a trtq stats file"):
         CalibrationStats.read(path)
     path.write_text('{"format": "trtq-calibration-stats", "version": 1, "histograms": {}}')
+    with pytest.raises(DataError, match="stats format 1; this trtq reads 2"):
+        CalibrationStats.read(path)
+    path.write_text('{"format": "trtq-calibration-stats", "version": 2, "histograms": {}}')
     with pytest.raises(DataError, match="corrupt"):
         CalibrationStats.read(path)

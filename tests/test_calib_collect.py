@@ -142,7 +142,7 @@ def test_parse_memory(text, expected):
 def test_bad_memory_and_shard_strings():
     with pytest.raises(UserError, match="bad memory size"):
         parse_memory("lots")
-    with pytest.raises(UserError, match="bad --shard"):
+    with pytest.raises(UserError, match="bad shard"):
         Shard.parse("3/2")
     assert Shard.parse("2/4") == Shard(2, 4)
 

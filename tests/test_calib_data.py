@@ -149,11 +149,14 @@ def test_loader_script(tmp_path):
     assert len(list(source)) == 3
 
 
-def test_loader_script_errors_propagate_unchanged(tmp_path):
+def test_loader_script_errors_are_the_scripts_fault(tmp_path):
     script = tmp_path / "loader.py"
     script.write_text("def load_data():\n    raise RuntimeError('the user bug')\n    yield\n")
-    with pytest.raises(RuntimeError, match="the user bug"):
+    with pytest.raises(
+        DataError, match="load_data\\(\\) raised RuntimeError: the user bug"
+    ) as info:
         list(open_batches(script, [spec("x", "N", 2)]))
+    assert isinstance(info.value.__cause__, RuntimeError)  # the traceback --debug shows
 
 
 # --------------------------------------------------------------------------- images

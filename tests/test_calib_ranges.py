@@ -1,20 +1,21 @@
-"""Range selection: entropy against a loop-by-loop reference, properties, degenerate tensors."""
+"""Range selection: entropy against a loop reference, spikes, properties, degenerate tensors."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
+import trtq
 from trtq.calib.histogram import Histogram
 from trtq.calib.ranges import (
+    ENTROPY_MAX_CLIPPED,
     METHODS,
     MIN_AMAX,
     TensorRange,
     _kl_divergences,
+    clipped_share,
     compute_range,
     entropy_amax,
     max_amax,
@@ -32,40 +33,44 @@ def hist_of(values: np.ndarray, bins: int = 2048) -> Histogram:
     return h
 
 
-def reference_entropy(hist: Histogram, num_levels: int = 128) -> tuple[float, list[float]]:
-    """IInt8EntropyCalibrator2 as published (GTC 2017), one candidate and one level at a time.
+def reference_entropy(
+    hist: Histogram, num_levels: int = 128, *, flatten_zero_bin: bool = True, merge="linspace"
+) -> tuple[float, np.ndarray]:
+    """The entropy search as NVIDIA's reference runs it, one candidate at a time.
 
-    Returns amax and the KL divergence of every candidate i = num_levels…bins. Only the
-    final normalise-and-sum of each candidate uses numpy; building P, merging into levels
-    and expanding Q back over the non-empty bins are explicit loops.
+    Returns amax and the KL divergence of every candidate i = num_levels…bins. Written
+    from the description, independently of trtq's prefix sums: per candidate, bins are
+    assigned to levels with ``digitize`` against ``linspace(0, i, num_levels + 1)``
+    (``merge="remainder"``: ``i // num_levels`` bins per level, the whole remainder in
+    the last, as trtq did before), Q is each level's count spread over its non-empty
+    bins, and KL(P‖Q) is summed over P's support. A candidate that keeps nothing (Q
+    empty) is infinite. The minimum's ties within 1e-12 go to the largest i.
     """
-    counts = [int(v) for v in hist.counts]
-    bins = len(counts)
+    counts = hist.counts.astype(np.float64)
+    if flatten_zero_bin:
+        counts[0] = counts[1]
     divergences = []
-    best_i, best_kl = 0, math.inf
-    for i in range(num_levels, bins + 1):
-        p = np.array(counts[:i], dtype=np.float64)
-        p[i - 1] += sum(counts[i:])  # outliers go into the last kept bin
-        q = np.zeros(i)
-        per_level = i // num_levels
-        for level in range(num_levels):
-            start = level * per_level
-            stop = i if level == num_levels - 1 else start + per_level
-            nonempty = [k for k in range(start, stop) if counts[k] > 0]
-            share = sum(counts[start:stop]) / max(len(nonempty), 1)
-            for k in nonempty:
-                q[k] = share
-        support = p > 0
-        if np.any(q[support] == 0):  # also when Q is all zero: nothing kept below bin i
-            kl = math.inf
+    for i in range(num_levels, len(counts) + 1):
+        kept = counts[:i]
+        if merge == "linspace":
+            level = np.digitize(np.arange(i), np.linspace(0, i, num_levels + 1)) - 1
         else:
-            p /= p.sum()
-            q /= q.sum()
-            kl = float(np.sum(p[support] * np.log(p[support] / q[support])))
-        divergences.append(kl)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return min(best_i * hist.range / bins, hist.amax), divergences
+            level = np.minimum(np.arange(i) // (i // num_levels), num_levels - 1)
+        nonempty = kept > 0
+        level_sum = np.bincount(level, weights=kept, minlength=num_levels)
+        level_nonempty = np.bincount(level, weights=nonempty, minlength=num_levels)
+        q = np.where(nonempty, level_sum[level] / np.maximum(level_nonempty[level], 1), 0.0)
+        p = kept.copy()
+        p[-1] += counts[i:].sum()  # the clipped tail goes into the last kept bin
+        support = p > 0
+        if q.sum() == 0 or np.any(q[support] == 0):
+            divergences.append(math.inf)
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        divergences.append(float(np.sum(p[support] * np.log(p[support] / q[support]))))
+    kl = np.array(divergences)
+    best = num_levels + int(np.flatnonzero(kl <= kl.min() + 1e-12)[-1])
+    return min(best * hist.range / hist.bins, hist.amax), kl
 
 
 def synthetic(kind: str) -> np.ndarray:
@@ -82,40 +87,39 @@ def synthetic(kind: str) -> np.ndarray:
     if kind == "discrete":  # few distinct values: runs of candidates with KL exactly 0
         return rng.choice([0.0, 0.25, 1.0, 1.5, 3.0], size=n, p=[0.5, 0.2, 0.15, 0.1, 0.05])
     if kind == "few_values_away_from_zero":
-        # KL is exactly 0 just past the smallest value and again past the largest; the
-        # prefix sums give 0 or ±1 ulp there, and the published tie rule picks the first.
+        # KL is exactly 0 past the smallest value and again past the largest; the prefix
+        # sums give 0 or ±1 ulp there, and the tie goes to the largest candidate.
         return np.repeat([0.18, -0.31, 0.62, -0.82], [1400, 2400, 600, 5600])
+    if kind == "spiky":
+        return spiky_activation(rng)
     raise AssertionError(kind)
 
 
+def spiky_activation(rng: np.random.Generator) -> np.ndarray:
+    """Like the MNIST CNN's first MaxPool: a third exact zeros, the constant responses of 32
+    channels to a blank background (spikes below 0.6) and a thin spread of values up to 7.7."""
+    zeros = np.zeros(100_000)
+    spikes = np.repeat(rng.uniform(0.05, 0.6, 32), 4_000)
+    body = rng.uniform(0.0, 7.7, 60_000)
+    return rng.permutation(np.concatenate([zeros, spikes, body]))
+
+
 @pytest.fixture(scope="module")
-def mnist_conv_inputs(mnist_model) -> dict[str, Histogram]:
-    """Histograms of the inputs of the MNIST CNN's 2nd and 3rd Conv over 256 real digits."""
-    model = onnx.load(mnist_model)
-    names = [n.input[0] for n in model.graph.node if n.op_type == "Conv"][1:3]
-    for name in names:
-        model.graph.output.append(
-            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    with np.load(mnist_model.parent / "mnist_calib.npz") as data:
-        digits = data["input"][:256].astype(np.float32)
-    return {
-        name: hist_of(out)
-        for name, out in zip(names, session.run(names, {"input": digits}), strict=True)
-    }
+def mnist_histograms(mnist_model) -> dict[str, Histogram]:
+    """trtq's own histograms of the MNIST CNN's quantized activations over 256 real digits."""
+    stats = trtq.calibrate(mnist_model, mnist_model.parent / "mnist_calib.npz", limit=256)
+    return stats.histograms
 
 
 def check_against_reference(hist: Histogram) -> None:
-    expected, divergences = reference_entropy(hist)
-    assert entropy_amax(hist, flatten_zero_bin=False) == pytest.approx(expected, rel=1e-6)
-    # The default search runs the same algorithm on counts whose bin 0 is set to bin 1's.
-    flattened = Histogram.from_json(hist.to_json())
-    flattened.counts[0] = flattened.counts[1]
-    if flattened.counts.any():
-        assert entropy_amax(hist) == pytest.approx(reference_entropy(flattened)[0], rel=1e-6)
-    _, kl = _kl_divergences(hist.counts, 128)
-    reference = np.array(divergences)
+    """Bit-for-bit amax (with and without bin-0 flattening), KL curve to 1e-10."""
+    for flatten in (False, True):  # the KL curve checked is the default's, flattened
+        expected, reference = reference_entropy(hist, flatten_zero_bin=flatten)
+        assert entropy_amax(hist, flatten_zero_bin=flatten) == expected
+    counts = hist.counts.copy()
+    counts[0] = counts[1]
+    candidates, kl = _kl_divergences(counts, 128)
+    np.testing.assert_array_equal(candidates, np.arange(128, hist.bins + 1))
     np.testing.assert_array_equal(np.isinf(kl), np.isinf(reference))
     finite = np.isfinite(reference)
     np.testing.assert_allclose(kl[finite], reference[finite], rtol=0, atol=1e-10)
@@ -130,17 +134,76 @@ def check_against_reference(hist: Histogram) -> None:
         "student_t_outliers",
         "discrete",
         "few_values_away_from_zero",
+        "spiky",
     ],
 )
 def test_entropy_matches_loop_reference_on_synthetic_data(kind):
     check_against_reference(hist_of(synthetic(kind)))
 
 
-def test_entropy_matches_loop_reference_on_mnist_activations(mnist_conv_inputs):
-    assert len(mnist_conv_inputs) == 2
-    for hist in mnist_conv_inputs.values():
-        assert hist.bins == 2048 and hist.count > 100_000
+def test_entropy_matches_loop_reference_on_mnist_activations(mnist_histograms):
+    assert len(mnist_histograms) == 5
+    for hist in mnist_histograms.values():
+        assert hist.bins == 2048 and hist.count > 500_000
         check_against_reference(hist)
+
+
+def test_levels_split_the_remainder_instead_of_piling_it_on_the_last():
+    """Each level holds floor or ceil(i/128) bins; the old merge put up to 127 extra bins in
+    the last level, which moved amax on real data and favoured i = 127 mod 128."""
+    for kind in ("gaussian", "laplacian", "relu"):
+        h = hist_of(synthetic(kind))
+        linspace, _ = reference_entropy(h)
+        remainder, _ = reference_entropy(h, merge="remainder")
+        assert entropy_amax(h) == linspace != remainder
+    # The level starts trtq derives agree with digitize(linspace) for every candidate.
+    for i in (128, 129, 255, 256, 383, 1000, 2047, 2048):
+        level = np.digitize(np.arange(i), np.linspace(0, i, 129)) - 1
+        sizes = np.bincount(level, minlength=128)
+        assert set(sizes) <= {i // 128, -(-i // 128)} and sizes.sum() == i
+
+
+def test_entropy_ties_go_to_the_largest_candidate():
+    """Four distinct values: KL is 0 both past the smallest and past the largest; like the
+    reference, the largest candidate wins, so nothing is clipped."""
+    h = hist_of(synthetic("few_values_away_from_zero"))
+    assert entropy_amax(h) == h.amax == 0.82
+
+
+def test_spiky_histogram_falls_back_to_mse_and_says_why():
+    """The KL minimum sits just above the spikes and clips the body; it is refused."""
+    h = hist_of(synthetic("spiky"))
+    refused = entropy_amax(h)
+    assert refused < 0.1 * h.amax and clipped_share(h, refused) > ENTROPY_MAX_CLIPPED
+    r = compute_range("pool", h, "entropy")
+    assert (r.method, r.quantizable) == ("mse", True)
+    assert r.amax == mse_amax(h) and 0.5 * h.amax < r.amax <= h.amax
+    assert clipped_share(h, r.amax) < 0.01
+    assert r.reason.startswith(f"entropy's KL minimum, amax {refused:.4g} of max {h.amax:.4g}")
+    assert f"clips {clipped_share(h, refused):.1%} of the non-zero values" in r.reason
+    assert "spike" in r.reason and r.reason.endswith(f"mse chose amax {r.amax:.4g}")
+
+
+def test_entropy_is_kept_where_it_clips_a_tail(mnist_histograms):
+    for kind in ("gaussian", "laplacian", "relu", "student_t_outliers"):
+        h = hist_of(synthetic(kind))
+        r = compute_range("t", h, "entropy")
+        assert (r.method, r.amax, r.reason) == ("entropy", entropy_amax(h), None)
+    # The MNIST sample: the first MaxPool's spikes (the blank background) are refused; the
+    # deeper activations keep TensorRT's threshold.
+    ranges = {name: compute_range(name, h, "entropy") for name, h in mnist_histograms.items()}
+    refused = [name for name, r in ranges.items() if r.method == "mse"]
+    assert refused == ["/features/features.1/MaxPool_output_0"]
+    assert "spike" in ranges[refused[0]].reason
+    assert all(r.reason is None for name, r in ranges.items() if name not in refused)
+
+
+def test_clipped_share_leaves_bin_zero_out():
+    h = hist_of(np.concatenate([np.zeros(1000), np.arange(100) + 0.5]))  # 0.5, 1.5, … 99.5
+    assert clipped_share(h, h.amax) == 0.0  # nothing lies above the exact max
+    assert clipped_share(h, 90.0) == 10 / 100  # 90.5…99.5 of the 100 non-zero values
+    assert clipped_share(h, 89.0) == 11 / 100
+    assert clipped_share(hist_of(np.zeros(10)), 0.0) == 0.0
 
 
 def test_max_is_the_exact_max():
@@ -169,7 +232,7 @@ def test_flattening_the_zero_bin_keeps_relu_outputs_from_being_crushed():
     """Half exact zeros (a ReLU output): the published search clips most of the signal."""
     x = np.maximum(synthetic("gaussian"), 0.0)
     h = hist_of(x)
-    assert entropy_amax(h, flatten_zero_bin=False) < 0.35 * h.amax
+    assert entropy_amax(h, flatten_zero_bin=False) < 0.45 * h.amax
     assert entropy_amax(h) > 0.5 * h.amax
 
 

@@ -88,6 +88,9 @@ def test_streaming_equals_one_shot():
         streamed.update(reference[start:stop], candidate[start:stop])
     one_shot = agreement(reference, candidate)
     for field, value in vars(streamed.result()).items():
+        if field == "error_histogram":  # histograms merge bit for bit, whatever the batches
+            assert np.array_equal(value.counts, one_shot.error_histogram.counts)
+            continue
         assert value == pytest.approx(getattr(one_shot, field), rel=1e-12), field
 
 

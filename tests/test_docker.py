@@ -17,6 +17,7 @@ except on CI, where that is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -214,7 +215,7 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
         ".models/silero_vad/silero_vad.onnx",
         "out/mnist_cnn.engine",
         "bench/results.json",
-        "calib_data/mnist_calib.npz",
+        "calib_data/README.md",  # only the MNIST sample's three files go in (trtq doctor)
         ".pytest_cache/v/cache/lastfailed",
         ".ruff_cache/CACHEDIR.TAG",
         ".gpu-wheels/pycuda-2026.1-cp312-cp312-linux_x86_64.whl",
@@ -300,6 +301,24 @@ def test_install_sh_installs_trtq_into_a_fresh_venv(installed):
     assert "skipped 'import tensorrt'" in result.stdout
     # It tidied up after setuptools in the source tree.
     assert not (installed[0] / "build").exists()
+
+
+def test_install_sh_installs_the_doctor_sample(installed, tmp_path):
+    """The image's trtq has no checkout: `trtq doctor` finds the sample install.sh put in."""
+    _, venv, result, _ = installed
+    sample = venv / "share" / "trtq" / "sample"
+    assert f"the MNIST sample for trtq doctor: {sample}" in result.stdout
+    for name in ("mnist_cnn.onnx", "mnist_calib.npz", "mnist_test.npz"):
+        assert (sample / name).read_bytes() == (REPO / "calib_data" / name).read_bytes()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    doctor = subprocess.run(
+        [venv / "bin" / "trtq", "doctor", "--json"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert doctor.returncode == 0, doctor.stderr
+    report = json.loads(doctor.stdout)
+    assert Path(report["sample"]).resolve() == sample.resolve()
+    assert report["skipped"] and report["engine_checks"] == []
 
 
 def trt_env(major: str) -> dict[str, str]:

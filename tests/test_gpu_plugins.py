@@ -95,7 +95,7 @@ def trt_plugin(built):
     pytest.importorskip("tensorrt.plugin", reason="TensorRT's Python bindings are not installed")
     import tensorrt as trt
 
-    from trtq.trt.builder import load_plugins
+    from trtq.trt.plugins import load_plugins
 
     registry = FakeRegistry()
     with pytest.MonkeyPatch.context() as patch:

@@ -169,7 +169,7 @@ def test_pycuda_gpuarrays_are_used_in_place(gpu):
     assert driver.htod == copies
 
 
-def test_threads_each_get_a_context_and_correct_outputs(gpu):
+def test_threads_share_the_context_pool_and_get_correct_outputs(gpu):
     engine, trt, _ = gpu
     inputs = [rows(count, seed=count) for count in (1, 5, 64, 300, 2048)]
     failures: list[BaseException] = []
@@ -190,8 +190,9 @@ def test_threads_each_get_a_context_and_correct_outputs(gpu):
     for thread in threads:
         thread.join()
     assert failures == []
-    assert len(trt.contexts) == 8
-    assert all(context.runners == {context.thread} for context in trt.contexts)
+    # A bounded pool (the default: what half the free memory holds, at most 8), however
+    # many threads call; each context runs one call at a time, on any thread.
+    assert 1 <= len(trt.contexts) <= engine.max_contexts <= 8
 
 
 def test_pooled_contexts_and_async_calls(gpu):

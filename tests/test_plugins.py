@@ -46,7 +46,7 @@ from trtq.graph.plugins import (
     use_plugins,
 )
 from trtq.sessions import open_session
-from trtq.trt import builder
+from trtq.trt import plugins as trt_plugins
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = REPO / "plugins" / "stft"
@@ -341,7 +341,7 @@ def test_reference_op_is_an_onnx_reference_op_run():
     assert (STFT.__name__, STFT.op_domain) == ("STFT", "trtq")
 
 
-# --- loading .py plugin modules (builder.load_plugins) ------------------------------------
+# --- loading .py plugin modules (trt.plugins.load_plugins) ---------------------------------
 
 
 def registry_trt(registry: object = True) -> types.SimpleNamespace:
@@ -370,11 +370,11 @@ def test_python_plugin_modules_are_imported_once(tmp_path):
     library = tmp_path / "libother.so"
     library.write_bytes(b"\x7fELF")
     trt = registry_trt()
-    builder.load_plugins(trt, None, [module, library])
-    builder.load_plugins(trt, None, [str(module)])
+    trt_plugins.load_plugins(trt, None, [module, library])
+    trt_plugins.load_plugins(trt, None, [str(module)])
     assert counter.read_text() == "x"
     assert trt.calls == [("load_library", str(library))]
-    loaded = builder.import_plugin_module(module)
+    loaded = trt_plugins.import_plugin_module(module)
     assert loaded.__name__.startswith("trtq_plugin_my_plugin_") and loaded.p == counter
 
 
@@ -382,11 +382,11 @@ def test_python_plugin_failures_are_one_line(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import tensorrt_that_is_not_here\n")
     with pytest.raises(UserError, match=r"^cannot import plugin module .*broken\.py: ") as info:
-        builder.load_plugins(registry_trt(), None, [broken])
+        trt_plugins.load_plugins(registry_trt(), None, [broken])
     assert "ModuleNotFoundError" in str(info.value) and "\n" not in str(info.value)
     assert not [m for m in sys.modules if m.startswith("trtq_plugin_broken_")]
     with pytest.raises(UserError, match=r"stft_plugin\.py: TensorRT has no plugin registry"):
-        builder.load_plugins(registry_trt(registry=None), None, [PLUGIN])
+        trt_plugins.load_plugins(registry_trt(registry=None), None, [PLUGIN])
 
 
 # --- the CUDA source --------------------------------------------------------------------------
@@ -577,7 +577,7 @@ def probe_plugin(plugin: str) -> dict:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from trtq.trt.builder import load_plugins
+    from trtq.trt.plugins import load_plugins
 
     result: dict = {"version": trt.__version__}
     logger = trt.Logger(trt.Logger.ERROR)

@@ -9,8 +9,13 @@ tests/test_streamer.py, so the calibrator's contract is checked on every
 from __future__ import annotations
 
 import json
+import logging
 
+import numpy as np
+import pytest
 from test_trt_conformance import bindings_env, run_python
+
+from trtq.trt.calibrator import ProfileBatches
 
 SCRIPT = r"""
 import json, sys
@@ -78,3 +83,106 @@ except UserError as exc:
     proc = run_python(code, bindings_env("11"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "trtq quantize" in proc.stdout
+
+
+# --- only batches of the calibration shape reach TensorRT ------------------------------------
+
+PROFILE_SCRIPT = r"""
+import json, logging, sys
+import numpy as np
+sys.path.insert(0, "tests")
+import tensorrt as trt
+from test_streamer import FakeDriver
+from trtq.trt.calibrator import make_calibrator
+
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="LOG %(levelname)s %(message)s")
+rng = np.random.default_rng(0)
+rows = json.loads(sys.argv[1])
+shapes = json.loads(sys.argv[2])
+batches = [{"input": rng.standard_normal((n, 1, 28, 28)).astype(np.float32)} for n in rows]
+driver = FakeDriver()
+calibrator = make_calibrator(
+    trt, batches, cache_path=None, driver=driver,
+    shapes={k: tuple(v) for k, v in shapes.items()} if shapes else None,
+)
+size = calibrator.get_batch_size()
+given = []
+while True:
+    pointers = calibrator.get_batch(["input"])  # as TensorRT calls it: names in, pointers out
+    if pointers is None:
+        break
+    given.append(driver.read(pointers[0], np.empty((size, 1, 28, 28), np.float32)).copy())
+calibrator.close()
+samples = np.concatenate([b["input"] for b in batches])
+result = {
+    "batch_size": size,
+    "batches": len(given),
+    "in_order": bool(np.array_equal(np.concatenate(given), samples[: len(given) * size])),
+}
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize(
+    ("rows", "shapes", "batches", "size", "logged"),
+    [
+        # The data's batch size: the short last batch (5 of 29 samples) is dropped.
+        ([8, 8, 8, 5], None, 3, 8, "the last 5 samples, fewer than a batch, dropped"),
+        # The profile's batch (8) from data batches of 5: regrouped, the last 4 dropped.
+        ([5, 5, 5, 5], {"input": [8, 1, 28, 28]}, 2, 8, "the last 4 samples"),
+        # Batches larger than the profile's are split.
+        ([16, 16], {"input": [4, 1, 28, 28]}, 8, 4, "TensorRT calibrates on 8 batches"),
+    ],
+)
+def test_tensorrt_10_gets_only_profile_shaped_batches(
+    tmp_path, rows, shapes, batches, size, logged
+):
+    proc = run_python(PROFILE_SCRIPT, bindings_env("10"), json.dumps(rows), json.dumps(shapes))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result == {"batch_size": size, "batches": batches, "in_order": True}
+    assert any(line.startswith("LOG INFO") and logged in line for line in proc.stdout.splitlines())
+
+
+def test_profile_batches_drop_what_cannot_fit(caplog):
+    rng = np.random.default_rng(0)
+
+    def image(count: int, side: int = 28) -> np.ndarray:
+        return rng.standard_normal((count, 1, side, side)).astype(np.float32)
+
+    data = [{"input": image(8)}, {"input": image(8, 32)}, {"input": image(3)}, {"input": image(6)}]
+    batches = ProfileBatches(data, None)
+    with caplog.at_level(logging.INFO):
+        got = list(batches)
+    assert [b["input"].shape for b in got] == [(8, 1, 28, 28), (8, 1, 28, 28)]
+    np.testing.assert_array_equal(
+        got[1]["input"], np.concatenate([data[2]["input"], data[3]["input"]])[:8]
+    )
+    assert (batches.sent, batches.dropped_tail) == (2, 1)
+    assert (batches.dropped_batches, batches.dropped_samples) == (1, 8)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "TensorRT calibrates on 2 batches of input 8x1x28x28; the last 1 sample" in messages[0]
+    assert messages[1].startswith("dropped 1 calibration batch (8 samples; the first: input ")
+
+
+def test_inputs_without_a_shared_batch_dim_pass_only_as_they_are(caplog):
+    """A stateful model (input [T, 576], state [1, 1, 128]): nothing to regroup by."""
+    state = np.zeros((1, 1, 128), np.float32)
+    data = [
+        {"input": np.ones((40, 576), np.float32), "h": state},
+        {"input": np.ones((40, 576), np.float32), "h": state},
+        {"input": np.ones((25, 576), np.float32), "h": state},
+    ]
+    batches = ProfileBatches(data, None)
+    with caplog.at_level(logging.INFO):
+        assert len(list(batches)) == 2
+    assert batches.dropped_batches == 1
+    assert "(no shared batch dim to regroup by)" in caplog.text
+
+
+def test_no_batch_of_the_calibration_shape_is_an_error_line(caplog):
+    data = [{"input": np.ones((4, 3), np.float32)}]
+    with caplog.at_level(logging.INFO):
+        assert list(ProfileBatches(data, {"input": (8, 5)})) == []
+    assert "no calibration batch has the calibration shape input 8x5" in caplog.text

@@ -7,8 +7,9 @@ The pipeline, one subpackage per stage:
 * :mod:`trtq.runtime` - running models: :func:`trtq.load` gives one interface over
   ONNX Runtime (``.onnx``) and TensorRT (``.engine``).
 * :mod:`trtq.cli` - the ``trtq`` command.
+* :mod:`trtq.tune` - per-node precision against the outputs: sensitivity, fallback.
 * :mod:`trtq.api` - the same as functions: ``trtq.quantize``, ``trtq.calibrate``,
-  ``trtq.build``, ``trtq.compare``, ``trtq.load``.
+  ``trtq.build``, ``trtq.compare``, ``trtq.load``, ``trtq.sensitivity``.
 
 Nothing here imports TensorRT, pycuda or torch, and ``import trtq`` imports none of the
 subpackages: the API functions are looked up on first use (module ``__getattr__``).
@@ -20,24 +21,25 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trtq.api import build, calibrate, compare, load, quantize
+    from trtq.api import build, calibrate, compare, load, quantize, sensitivity
 
 try:
     __version__ = version("trtq")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "build", "calibrate", "compare", "load", "quantize"]
-#: The public API (trtq/api.py), imported on first use.
-_API = frozenset(__all__) - {"__version__"}
+__all__ = ["__version__", "build", "calibrate", "compare", "load", "quantize", "sensitivity"]
+#: Where each public name lives, imported on first use: trtq/api.py, except ``load``, whose
+#: package imports ONNX Runtime only when a model is loaded (serving code stays light).
+_API = {name: "trtq.api" for name in __all__ if name != "__version__"} | {"load": "trtq.runtime"}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import trtq` stays light (no numpy, ONNX or ONNX Runtime at import).
     if name in _API:
-        from trtq import api
+        import importlib
 
-        value = getattr(api, name)
+        value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value  # later look-ups skip this function
         return value
     raise AttributeError(f"module 'trtq' has no attribute {name!r}")

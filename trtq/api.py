@@ -9,6 +9,715 @@ flags, call these and print. See ARCHITECTURE.md ("Public API").
 
 from __future__ import annotations
 
-from trtq.runtime import load
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["load"]
+import numpy as np
+import onnx
+
+from trtq import quantizer
+from trtq.calib.cache import DEFAULT_TRT_VERSION, CalibrationStats, TrtCache, trt_version_int
+from trtq.calib.calibrate import calibrate_model, data_inputs, trt_cache
+from trtq.calib.collect import Shard, parse_memory
+from trtq.calib.data import ImagePreprocess
+from trtq.calib.data.in_memory import DataLike, as_batches
+from trtq.calib.histogram import DEFAULT_BINS
+from trtq.calib.ranges import DEFAULT_METHOD, METHODS
+from trtq.calib.scope import TENSOR_SETS
+from trtq.errors import GateFailedError, UserError
+from trtq.fileio import save_model
+from trtq.graph import fp16, qdq
+from trtq.graph.load import load_model, model_inputs
+from trtq.graph.patterns import COMPUTE_OPS
+from trtq.quantizer import CalibrationOptions, QuantizeResult
+from trtq.report.compare import (
+    ComparisonReport,
+    GateResult,
+    compare_models,
+    evaluate_gates,
+    resolve_labels,
+)
+from trtq.report.verify import DEFAULT_SAMPLES, FidelityOptions
+from trtq.runtime import load
+from trtq.trt.pipeline import BuildOutcome, build
+from trtq.tune.fallback import Budget, Target
+from trtq.tune.holdout import DEFAULT_EVAL_SAMPLES, EvaluationOptions
+from trtq.tune.sensitivity import Sensitivity, measure
+
+__all__ = [
+    "BuildOutcome",
+    "CalibrationStats",
+    "Comparison",
+    "QuantizeResult",
+    "Sensitivity",
+    "build",
+    "calibrate",
+    "compare",
+    "load",
+    "quantize",
+    "sensitivity",
+]
+
+log = logging.getLogger(__name__)
+
+#: A model: the path of an .onnx file, or the model itself.
+ModelLike = str | Path | onnx.ModelProto
+#: ``precision`` of :func:`quantize`: Q/DQ (int8, fp8) or the whole graph (fp16, bf16).
+PRECISIONS = (*qdq.PRECISIONS, *fp16.LOW_TYPES)
+#: ``high_precision`` of :func:`quantize`: the type of what int8/fp8 leaves unquantized.
+HIGH_PRECISIONS = ("fp32", *fp16.LOW_TYPES)
+
+
+# --- quantize ---------------------------------------------------------------------------
+
+
+def quantize(
+    model: ModelLike,
+    calib: DataLike | None = None,
+    *,
+    output: str | Path | None = None,
+    precision: str = "int8",
+    high_precision: str = "fp32",
+    method: str = DEFAULT_METHOD,
+    percentile: float = 99.99,
+    stats: str | Path | CalibrationStats | None = None,
+    cache: str | Path | TrtCache | None = None,
+    include_ops: str | Iterable[str] = COMPUTE_OPS,
+    exclude_ops: str | Iterable[str] = (),
+    exclude_nodes: str | None = None,
+    min_channels: int = qdq.DEFAULT_MIN_CHANNELS,
+    keep_io_types: bool = True,
+    max_abs: float | None = None,
+    max_reduction: int = fp16.DEFAULT_MAX_REDUCTION,
+    keep_fp32_nodes: str | None = None,
+    keep_fp32_ops: str | Iterable[str] = (),
+    freeze_inputs: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    preprocess: ImagePreprocess | None = None,
+    max_memory: int | str | None = None,
+    providers: Sequence[str] | None = None,
+    progress: bool = False,
+    min_cosine: float | None = None,
+    max_rel_l2: float | None = None,
+    verify_samples: int = DEFAULT_SAMPLES,
+    target_cosine: float | None = None,
+    target_rel_l2: float | None = None,
+    target_drop: float | None = None,
+    eval_data: DataLike | None = None,
+    eval_samples: int = DEFAULT_EVAL_SAMPLES,
+    labels: np.ndarray | str | Path | None = None,
+    label_output: str | None = None,
+    workers: int = 1,
+) -> QuantizeResult:
+    """Quantize an FP32 model for TensorRT (``trtq quantize``); the written model is checked.
+
+    ``precision`` int8/fp8 inserts Q/DQ pairs where TensorRT fuses them and leaves the
+    rest in ``high_precision``; fp16/bf16 converts the whole graph. Ranges come from
+    ``calib`` (a path in any format trtq reads, or an iterable of ``{input: array}``
+    batches), or from ``stats`` / ``cache``: an object, or a path that is read when the
+    file exists and written from this calibration when it does not. ``batch_size``,
+    ``limit`` and ``preprocess`` shape data read from a path. The placement and
+    mixed-precision options are those of ``trtq quantize --help``.
+
+    The result is compared with the FP32 model on the first ``verify_samples`` samples
+    of ``calib`` (cosine, relative L2, max abs error per output, in
+    ``result.report["verification"]``); below the default floor a warning is logged.
+    ``min_cosine`` / ``max_rel_l2`` make it a gate: when one breaks, the model is still
+    written to ``output`` (to inspect it) and :class:`~trtq.errors.GateFailedError` is
+    raised, carrying the result. Bad arguments raise :class:`~trtq.errors.UserError`.
+
+    ``target_cosine`` / ``target_rel_l2`` / ``target_drop`` (accuracy points, needs
+    labels) set a fidelity target instead: nodes move to ``high_precision``, most harmful
+    per MAC first, until it holds on ``eval_samples`` samples of ``eval_data`` (default:
+    held out of ``calib``, never setting a range), then come back to INT8 where they are
+    not needed (:mod:`trtq.tune.fallback`, ``workers`` processes; every step is in
+    ``result.report["fallback"]``, and the check runs on that data). ``labels`` as in
+    :func:`compare`. If even every node in high precision misses the target,
+    :class:`~trtq.tune.fallback.TargetUnreachableError` (a ``GateFailedError``) is raised
+    and nothing is written.
+    """
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("high_precision", high_precision, HIGH_PRECISIONS)
+    _check_choice("method", method, METHODS)
+    if precision in fp16.LOW_TYPES and high_precision != "fp32":
+        raise UserError(
+            f"high_precision {high_precision!r} with precision {precision!r}",
+            "high_precision applies to int8/fp8 only: leave it at 'fp32'",
+        )
+    if not 0 < percentile <= 100:
+        raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
+    _check_thresholds(min_cosine, max_rel_l2)
+    _check_count("verify_samples", verify_samples)
+    loaded, model_path = _load(model, "model")
+    budget = _budget(
+        loaded,
+        _target(target_cosine, target_rel_l2, target_drop),
+        _evaluation(
+            loaded,
+            eval_data,
+            eval_samples,
+            labels,
+            label_output,
+            target_drop,
+            batch_size,
+            preprocess,
+        ),
+        workers,
+        providers,
+        progress,
+    )
+    stats_given, stats_out = _reuse(stats, CalibrationStats, "stats")
+    cache_given, cache_out = _reuse(cache, TrtCache, "cache")
+    batches = None
+    if calib is not None:
+        batches = as_batches(
+            calib, model_inputs(loaded), batch_size=batch_size, limit=limit, preprocess=preprocess
+        )
+    quantizing = precision in qdq.PRECISIONS
+    low = high_precision if quantizing else precision
+    placement = (
+        qdq.PlacementOptions(
+            precision=precision,
+            include_ops=_names(include_ops),
+            exclude_ops=_names(exclude_ops),
+            exclude_nodes=exclude_nodes,
+            min_channels=min_channels,
+        )
+        if quantizing
+        else None
+    )
+    frozen = {name: np.asarray(value) for name, value in (freeze_inputs or {}).items()}
+    if cache_out is not None and stats_given is None and batches is not None:
+        # The cache must cover every tensor TensorRT asks for, not only the planned ones.
+        stats_given = _stats_for_cache(
+            loaded, batches, placement, frozen, method, percentile, max_memory, providers, progress
+        )
+    result = quantizer.quantize(
+        loaded,
+        batches,
+        placement=placement,
+        mixed=None
+        if low == "fp32"
+        else fp16.MixedPrecisionOptions(
+            precision=low,
+            keep_io_types=keep_io_types,
+            max_abs=max_abs,
+            max_reduction=max_reduction,
+            keep_fp32_nodes=keep_fp32_nodes,
+            keep_fp32_ops=_names(keep_fp32_ops),
+        ),
+        calibration=CalibrationOptions(
+            method=method,
+            percentile=percentile,
+            max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+            providers=providers,
+            progress=progress,
+        ),
+        stats=stats_given,
+        cache=cache_given,
+        frozen=frozen,
+        fidelity=FidelityOptions(verify_samples, min_cosine, max_rel_l2),
+        budget=budget,
+    )
+    result.report = {
+        "model": model_path,
+        "output": None if output is None else str(output),
+        # The stats file behind the ranges, read or written here (for `trtq report`).
+        "stats": str(stats) if isinstance(stats, str | Path) and stats_out is None else None,
+        **result.report,
+    }
+    # A complete, honestly labelled cache or none: refused before anything is written.
+    cache_written = _cache_from(result.stats, cache_out) if cache_out is not None else None
+    if output is not None:
+        save_model(result.model, output)
+    if stats_out is not None and result.stats is not None:
+        result.stats.write(stats_out)
+        result.report["stats"] = str(stats_out)
+    if cache_written is not None:
+        cache_written.write(cache_out)
+    if not result.passed:
+        failed = [gate.detail for gate in result.verification.gates if not gate.passed]
+        written = f" (the model was written to {output} to inspect; do not deploy it)"
+        raise GateFailedError("; ".join(failed) + (written if output else ""), result)
+    return result
+
+
+# --- calibrate --------------------------------------------------------------------------
+
+
+def calibrate(
+    model: ModelLike,
+    calib: DataLike,
+    *,
+    output: str | Path | None = None,
+    cache: str | Path | None = None,
+    method: str = DEFAULT_METHOD,
+    percentile: float = 99.99,
+    precision: str = "int8",
+    include_ops: str | Iterable[str] = COMPUTE_OPS,
+    exclude_ops: str | Iterable[str] = (),
+    exclude_nodes: str | None = None,
+    min_channels: int = qdq.DEFAULT_MIN_CHANNELS,
+    tensors: str | None = None,
+    freeze_inputs: Mapping[str, Any] | None = None,
+    shard: str | Shard | None = None,
+    bins: int = DEFAULT_BINS,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    preprocess: ImagePreprocess | None = None,
+    max_memory: int | str | None = None,
+    providers: Sequence[str] | None = None,
+    trt_version: str = DEFAULT_TRT_VERSION,
+    progress: bool = False,
+) -> CalibrationStats:
+    """Activation statistics for :func:`quantize` with the same options (``trtq calibrate``).
+
+    Observes every tensor the quantize plan needs for ``precision`` and the placement
+    options (those of :func:`quantize`), streaming ``calib`` (a path or batches) into
+    histograms, and chooses ranges by ``method``. The statistics record the model's
+    fingerprint and these options, and ``quantize(stats=...)`` refuses them for another
+    model or other placement options. ``output`` writes them as JSON.
+
+    ``cache`` also writes a TensorRT calibration cache for ``trtq build --calib-mode trt``:
+    complete (every float tensor of the model as given, observed on it) and labelled with
+    ``method`` (``EntropyCalibration2``, ``MinMaxCalibration``, or trtq's own
+    ``TrtqMseCalibration`` / ``TrtqPercentileCalibration``, which TensorRT's calibrators
+    cannot claim). ``tensors="all"`` (the default with ``cache``) observes those tensors
+    without writing a cache, e.g. on a ``shard`` ("K/N") merged later. Nothing is written
+    when anything fails.
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("precision", precision, qdq.PRECISIONS)
+    if not 0 < percentile <= 100:
+        raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
+    tensors = tensors or ("all" if cache is not None else "quantizable")
+    _check_choice("tensors", tensors, TENSOR_SETS)
+    _check_bins(bins)
+    _check_regex("exclude_nodes", exclude_nodes)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard
+    if cache is not None:
+        trt_version_int(trt_version)  # a bad version fails before the data is read
+        if shard is not None:
+            raise UserError("a shard cannot write a cache", "merge the shards, then write it")
+        if freeze_inputs:
+            raise UserError(
+                "a TensorRT cache is for the model TensorRT parses, and freezing inputs "
+                "changes that model",
+                "write the frozen model with trtq normalize --freeze-input ... -o FROZEN.onnx, "
+                "then calibrate FROZEN.onnx with --cache",
+            )
+        if tensors != "all":
+            raise UserError(
+                "a TensorRT cache needs every float tensor observed",
+                "drop --tensors quantizable (tensors='quantizable'); all is the cache's default",
+            )
+        if output is not None and Path(cache).resolve() == Path(output).resolve():
+            raise UserError("the cache and the stats would be the same file", "name two files")
+    loaded, _ = _load(model, "model")
+    frozen = {name: np.asarray(value) for name, value in (freeze_inputs or {}).items()}
+    batches = as_batches(
+        calib,
+        data_inputs(loaded, frozen),
+        batch_size=batch_size,
+        limit=limit,
+        preprocess=preprocess,
+    )
+    stats = calibrate_model(
+        loaded,
+        batches,
+        placement=qdq.PlacementOptions(
+            precision=precision,
+            include_ops=_names(include_ops),
+            exclude_ops=_names(exclude_ops),
+            exclude_nodes=exclude_nodes,
+            min_channels=min_channels,
+        ),
+        frozen=frozen,
+        tensors=tensors,
+        method=method,
+        percentile=percentile,
+        bins=bins,
+        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+        providers=providers,
+        shard=shard,
+        progress=progress,
+    )
+    for found in stats.ranges.values():
+        if not found.quantizable:
+            log.warning("%s: not quantizable: %s", found.name, found.reason)
+    cache_written = trt_cache(stats, trt_version=trt_version) if cache is not None else None
+    if output is not None:
+        stats.write(output)
+    if cache_written is not None:
+        cache_written.write(cache)
+        log.info(
+            "wrote TensorRT calibration cache %s (%d tensors)", cache, len(cache_written.scales)
+        )
+    return stats
+
+
+def _stats_for_cache(
+    model: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    placement: qdq.PlacementOptions | None,
+    frozen: Mapping[str, np.ndarray],
+    method: str,
+    percentile: float,
+    max_memory: int | str | None,
+    providers: Sequence[str] | None,
+    progress: bool,
+) -> CalibrationStats:
+    """quantize writing a TensorRT cache: calibrate as ``trtq calibrate --cache`` would."""
+    if placement is None:
+        raise UserError("a TensorRT cache holds INT8 ranges", "drop --cache with fp16/bf16")
+    if frozen:
+        raise UserError(
+            "a TensorRT cache is for the model TensorRT parses, and --freeze-input changes it",
+            "drop --cache, or calibrate the frozen model (trtq normalize --freeze-input) instead",
+        )
+    if iter(batches) is batches:
+        raise UserError(
+            "writing a TensorRT cache reads the data twice (calibration, then the check), "
+            "but it can be read only once",
+            "pass a file or folder, or a list of batches",
+        )
+    return calibrate_model(
+        model,
+        batches,
+        placement=placement,
+        tensors="all",
+        method=method,
+        percentile=percentile,
+        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+        providers=providers,
+        progress=progress,
+    )
+
+
+def _cache_from(stats: CalibrationStats | None, path: Path) -> TrtCache:
+    if stats is None:
+        raise UserError(f"nothing to write to {path}", "pass --calib DATA to calibrate")
+    return trt_cache(stats, trt_version=DEFAULT_TRT_VERSION)
+
+
+def _check_bins(bins: int) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins & (bins - 1):
+        raise UserError(f"bins must be a power of two >= 2, got {bins!r}", "e.g. 2048")
+
+
+def _check_regex(what: str, pattern: str | None) -> None:
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise UserError(
+            f"{what}: {pattern!r} is not a regular expression ({exc})", "fix it"
+        ) from exc
+
+
+# --- sensitivity, and fidelity targets -------------------------------------------------
+
+
+def sensitivity(
+    model: ModelLike,
+    calib: DataLike,
+    *,
+    eval_data: DataLike | None = None,
+    eval_samples: int = DEFAULT_EVAL_SAMPLES,
+    workers: int = 1,
+    precision: str = "int8",
+    high_precision: str = "fp32",
+    method: str = DEFAULT_METHOD,
+    percentile: float = 99.99,
+    include_ops: str | Iterable[str] = COMPUTE_OPS,
+    exclude_ops: str | Iterable[str] = (),
+    exclude_nodes: str | None = None,
+    min_channels: int = qdq.DEFAULT_MIN_CHANNELS,
+    freeze_inputs: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    preprocess: ImagePreprocess | None = None,
+    max_memory: int | str | None = None,
+    providers: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Sensitivity:
+    """What quantizing each node costs at the outputs (``trtq sensitivity``).
+
+    Calibrates once, as :func:`quantize` with the same options would, then measures every
+    quantized node against FP32 with only that node quantized and with every node but
+    that one (:mod:`trtq.tune.sensitivity`): cosine and relative L2 per output, next to
+    its MACs. The figures come from ``eval_samples`` samples of ``eval_data``, by default
+    held out of ``calib`` (they never set a range); ``workers`` processes share the
+    2N + 1 evaluations.
+    """
+    _check_choice("precision", precision, qdq.PRECISIONS)
+    _check_choice("high_precision", high_precision, HIGH_PRECISIONS)
+    _check_choice("method", method, METHODS)
+    if not 0 < percentile <= 100:
+        raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
+    _check_count("workers", workers)
+    _check_regex("exclude_nodes", exclude_nodes)
+    loaded, _ = _load(model, "model")
+    evaluation = _evaluation(
+        loaded, eval_data, eval_samples, None, None, None, batch_size, preprocess
+    )
+    batches = as_batches(
+        calib, model_inputs(loaded), batch_size=batch_size, limit=limit, preprocess=preprocess
+    )
+    batches, held_out = evaluation.split(batches, loaded)
+    calibration = CalibrationOptions(
+        method=method,
+        percentile=percentile,
+        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+        providers=providers,
+        progress=progress,
+    )
+    prepared = quantizer.prepare(
+        loaded,
+        batches,
+        placement=qdq.PlacementOptions(
+            precision=precision,
+            include_ops=_names(include_ops),
+            exclude_ops=_names(exclude_ops),
+            exclude_nodes=exclude_nodes,
+            min_channels=min_channels,
+        ),
+        mixed=None
+        if high_precision == "fp32"
+        else fp16.MixedPrecisionOptions(precision=high_precision),
+        calibration=calibration,
+        frozen={name: np.asarray(value) for name, value in (freeze_inputs or {}).items()},
+    )
+    return measure(
+        prepared, held_out, method=method, workers=workers, providers=providers, progress=progress
+    )
+
+
+def _target(
+    min_cosine: float | None, max_rel_l2: float | None, max_drop: float | None
+) -> Target | None:
+    """``quantize``'s fidelity target, or None when none is asked for."""
+    if min_cosine is None and max_rel_l2 is None and max_drop is None:
+        return None
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise UserError(f"target_cosine must be in [-1, 1], got {min_cosine}", "e.g. 0.995")
+    if max_rel_l2 is not None and not max_rel_l2 >= 0:
+        raise UserError(f"target_rel_l2 must be >= 0, got {max_rel_l2}", "e.g. 0.1")
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise UserError(f"target_drop must be 0 to 100 points, got {max_drop}", "e.g. 0.5")
+    return Target(min_cosine, max_rel_l2, max_drop)
+
+
+def _budget(
+    model: onnx.ModelProto,
+    target: Target | None,
+    evaluation: EvaluationOptions,
+    workers: int,
+    providers: Sequence[str] | None,
+    progress: bool,
+) -> Budget | None:
+    """The fallback ``quantize`` runs for a target, or None; evaluation data needs a target."""
+    _check_count("workers", workers)
+    if target is None:
+        if evaluation.data is not None:
+            raise UserError(
+                "evaluation data is for a fidelity target, and none was given",
+                "add --target-cosine, --target-rel-l2 or --target-drop, or drop --eval",
+            )
+        return None
+    return Budget(target, evaluation, workers, providers, progress)
+
+
+def _evaluation(
+    model: onnx.ModelProto,
+    data: DataLike | None,
+    samples: int,
+    labels: np.ndarray | str | Path | None,
+    label_output: str | None,
+    target_drop: float | None,
+    batch_size: int | None,
+    preprocess: ImagePreprocess | None,
+) -> EvaluationOptions:
+    """Where the samples that judge a node come from: ``data``, or held out of calibration."""
+    _check_count("eval_samples", samples)
+    if labels is not None and target_drop is None:
+        raise UserError("labels are for an accuracy target", "add --target-drop PTS, or drop them")
+    if data is None:
+        if labels is not None:
+            raise UserError("labels go with evaluation data", "pass --eval DATA too")
+        return EvaluationOptions(samples=samples)
+    inputs = model_inputs(model)
+    read = isinstance(data, str | Path)
+    batches = as_batches(
+        data,
+        inputs,
+        batch_size=batch_size if read else None,
+        limit=samples if read else None,
+        preprocess=preprocess if read else None,
+    )
+    found = None
+    if target_drop is not None:
+        found, _ = resolve_labels(labels, data, [spec.name for spec in inputs], samples)
+        if found is None:
+            raise UserError(
+                "--target-drop needs labels",
+                "pass --labels PATH[:KEY], or --eval data in an .npz with a 'labels' array",
+            )
+    return EvaluationOptions(batches, samples, found, label_output)
+
+
+# --- compare ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare` measured: per output agreement, accuracy if labelled, gates."""
+
+    reference: str
+    candidate: str
+    data: str
+    labels: str | None
+    report: ComparisonReport
+    gates: list[GateResult]
+
+    @property
+    def passed(self) -> bool:
+        """Every gate that was asked for passed (True when none was)."""
+        return all(gate.passed for gate in self.gates)
+
+    def to_json(self) -> dict:
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "data": self.data,
+            **({"labels": self.labels} if self.labels else {}),
+            **self.report.to_json(),
+            "gates": [gate.to_json() for gate in self.gates],
+            "passed": self.passed,
+        }
+
+
+def compare(
+    reference: ModelLike,
+    candidate: ModelLike,
+    data: DataLike,
+    *,
+    labels: np.ndarray | str | Path | None = None,
+    label_output: str | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    preprocess: ImagePreprocess | None = None,
+    providers: Sequence[str] | None = None,
+    min_cosine: float | None = None,
+    max_rel_l2: float | None = None,
+    max_drop: float | None = None,
+) -> Comparison:
+    """Run both models on ``data`` and measure the candidate against the reference.
+
+    Per output (matched by name): mean and min per-sample cosine, relative L2 error,
+    max and mean abs error, top-1 agreement. ``labels`` (an array, or ``PATH[:KEY]`` of a
+    .npy/.npz file; default: the ``labels`` array of an .npz ``data`` file) add the
+    top-1 accuracy of both on ``label_output`` (default: the first output). Both models
+    run in ONNX Runtime with basic graph optimizations, so Q/DQ is fake quantization, as
+    TensorRT computes it. ``min_cosine``, ``max_rel_l2`` and ``max_drop`` (accuracy
+    points, needs labels) are gates: when one breaks,
+    :class:`~trtq.errors.GateFailedError` is raised, carrying the :class:`Comparison`.
+    """
+    _check_thresholds(min_cosine, max_rel_l2)
+    if max_drop is not None and not max_drop >= 0:
+        raise UserError(f"max_drop must be >= 0 points, got {max_drop}", "e.g. 0.5")
+    # Read both now so that a missing or non-ONNX model is reported before any work.
+    ref_model, ref_path = _load(reference, "reference", load_external_data=False)
+    _, cand_path = _load(candidate, "candidate", load_external_data=False)
+    inputs = model_inputs(ref_model)
+    batches = as_batches(data, inputs, batch_size=batch_size, limit=limit, preprocess=preprocess)
+    label_array, labels_from = resolve_labels(labels, data, [spec.name for spec in inputs], limit)
+    if max_drop is not None and label_array is None:
+        raise UserError(
+            "--max-drop needs labels",
+            "pass labels (--labels PATH[:KEY]), or data in an .npz with a 'labels' array",
+        )
+    report = compare_models(
+        reference,
+        candidate,
+        batches,
+        label_array,
+        label_output=label_output,
+        providers=providers,
+    )
+    gates = evaluate_gates(report, min_cosine=min_cosine, max_rel_l2=max_rel_l2, max_drop=max_drop)
+    comparison = Comparison(
+        ref_path or "<onnx.ModelProto>",
+        cand_path or "<onnx.ModelProto>",
+        getattr(batches, "description", "batches given in Python"),
+        labels_from,
+        report,
+        gates,
+    )
+    if not comparison.passed:
+        raise GateFailedError(
+            "; ".join(gate.detail for gate in gates if not gate.passed), comparison
+        )
+    return comparison
+
+
+# --- argument checks shared by the API functions ----------------------------------------
+
+
+def _load(
+    model: ModelLike, what: str, *, load_external_data: bool = True
+) -> tuple[onnx.ModelProto, str | None]:
+    """(the model, its path or None) from a path or a ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    if isinstance(model, str | Path):
+        return load_model(model, load_external_data=load_external_data), str(model)
+    raise UserError(
+        f"{what} must be the path of an .onnx file or an onnx.ModelProto, "
+        f"not {type(model).__name__}",
+        "pass the file's path",
+    )
+
+
+def _reuse(value: Any, kind: type, what: str) -> tuple[Any, Path | None]:
+    """(ranges to use, path to write them to): an object, or a path read if it exists."""
+    if value is None:
+        return None, None
+    if isinstance(value, kind):
+        return value, None
+    if isinstance(value, str | Path):
+        path = Path(value)
+        return (kind.read(path), None) if path.exists() else (None, path)
+    raise UserError(
+        f"{what} must be a path or a {kind.__name__}, not {type(value).__name__}",
+        f"pass the {what} file's path",
+    )
+
+
+def _check_choice(what: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {what} {value!r}", f"use one of: {', '.join(choices)}")
+
+
+def _check_thresholds(min_cosine: float | None, max_rel_l2: float | None) -> None:
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise UserError(f"min_cosine must be in [-1, 1], got {min_cosine}", "e.g. 0.99")
+    if max_rel_l2 is not None and not max_rel_l2 >= 0:
+        raise UserError(f"max_rel_l2 must be >= 0, got {max_rel_l2}", "e.g. 0.1")
+
+
+def _check_count(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{what} must be a positive integer, got {value!r}", "e.g. 64")
+
+
+def _names(value: str | Iterable[str]) -> frozenset[str]:
+    """Op names as a set; a string is comma-separated ("Conv,Gemm"), not a set of letters."""
+    items = value.split(",") if isinstance(value, str) else value
+    return frozenset(name.strip() for name in items if name.strip())

@@ -46,6 +46,20 @@ class MissingDependencyError(UserError):
     """An optional dependency (Pillow, pycuda, tensorrt) is needed but not installed."""
 
 
+class GateFailedError(Exception):
+    """A quality gate the caller asked for (``min_cosine``, ``max_rel_l2``, ``max_drop``) broke.
+
+    Not a :class:`UserError`: the input was fine, the result is not good enough. The
+    message is one line naming the output, the figure and the threshold; ``result`` is
+    what was measured (and, for ``trtq.quantize``, the model), so that a caller can
+    still report or inspect it. The CLI exits with :data:`EXIT_GATE_FAILED`.
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 def require(module: str, extra: str, purpose: str):
     """Import an optional dependency, or raise a one-line error naming the pip extra.
 

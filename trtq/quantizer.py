@@ -21,30 +21,41 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from trtq import __version__
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.calibrate import calibrate, choose_ranges
 from trtq.calib.collect import Batch, observe_shapes, peek
 from trtq.calib.ranges import DEFAULT_METHOD, TensorRange
+from trtq.calib.scope import (
+    CalibrationScope,
+    check_reused,
+    frozen_json,
+    model_fingerprint,
+    placement_json,
+    planning_graph,
+)
 from trtq.errors import ModelError, UserError
-from trtq.graph import fp16, qdq
+from trtq.graph import coverage, fp16, invariants, qdq
 from trtq.graph.inspect import summarize
 from trtq.graph.load import check_model
-from trtq.graph.normalize import export, infer_shapes, normalize, upgrade_opset
+from trtq.graph.normalize import infer_shapes, upgrade_opset
 from trtq.graph.patterns import COMPUTE_OPS, float_activations
 from trtq.graph.shapes import RECURRENT_OPS, Shapes, macs
 from trtq.graph.walk import all_nodes
-from trtq.report.verify import numeric_check
+from trtq.report.verify import FidelityOptions, SampleKeeper, Verification, verify
+
+if TYPE_CHECKING:
+    from trtq.tune.fallback import Budget
 
 log = logging.getLogger(__name__)
 
-#: Opset that introduced float8 QuantizeLinear/DequantizeLinear.
-FP8_MIN_OPSET = 19
 #: Opset from which Conv, pooling and most math ops accept bfloat16.
 BF16_MIN_OPSET = 22
 
@@ -65,10 +76,34 @@ class QuantizeResult:
     ranges: dict[str, TensorRange]
     stats: CalibrationStats | None
     report: dict = field(default_factory=dict)
+    #: The check after writing: figures against FP32, the data used, floor and gates.
+    verification: Verification | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Every fidelity gate that was asked for passed (True when none was)."""
+        return self.verification is None or self.verification.passed
 
 
 #: Q/DQ placement used when the caller does not say otherwise.
 DEFAULT_PLACEMENT = qdq.PlacementOptions()
+
+
+@dataclass
+class Prepared:
+    """The pipeline up to the Q/DQ insertion: the graph as planned, its plan and its ranges."""
+
+    model: onnx.ModelProto  # the planning graph: normalised, frozen inputs folded
+    graph: gs.Graph
+    plan: qdq.QuantPlan  # nodes whose range is unusable already left in float
+    ranges: dict[str, TensorRange]  # one per tensor, shared within range groups
+    stats: CalibrationStats | None
+    node_macs: dict[str, int]
+    example: Batch | None
+    placement: qdq.PlacementOptions | None
+    mixed: fp16.MixedPrecisionOptions | None
+    #: The first samples of the data, kept for the check after writing (None: not asked).
+    kept: SampleKeeper | None = None
 
 
 def quantize(
@@ -81,6 +116,8 @@ def quantize(
     stats: CalibrationStats | None = None,
     cache: TrtCache | None = None,
     frozen: Mapping[str, np.ndarray] | None = None,
+    fidelity: FidelityOptions | None = None,
+    budget: Budget | None = None,
 ) -> QuantizeResult:
     """Quantize ``model``: Q/DQ per ``placement`` (None: none), then FP16/BF16 per ``mixed``.
 
@@ -88,22 +125,112 @@ def quantize(
     ``mixed``, every float activation is observed too, so that nodes with
     activations beyond FP16's comfort stay FP32. ``frozen`` inputs become
     constants (see :func:`trtq.graph.normalize.freeze_inputs`).
+
+    The result is checked against the FP32 model on the first ``fidelity.samples``
+    samples of ``batches`` (kept as calibration reads them); its gates are recorded in
+    ``result.verification``, and the caller decides what a failed one means.
+
+    With a ``budget`` (:class:`trtq.tune.fallback.Budget`), nodes move to the high
+    precision until its target holds on its evaluation data (by default held out of
+    ``batches``, which then never set a range); the check runs on that data, and
+    ``report["fallback"]`` lists every step.
     """
     calibration = calibration or CalibrationOptions()
+    fidelity = fidelity or FidelityOptions()
+    if fidelity.gated and batches is None:
+        raise UserError(
+            "a fidelity gate (--min-cosine/--max-rel-l2) needs data to compare with FP32",
+            "pass --calib DATA too (ranges still come from --stats/--cache)",
+        )
     if placement is None and mixed is None:
         raise UserError("nothing to do: no INT8/FP8 placement and no FP16/BF16", "pick a precision")
     if placement is not None and placement.precision not in qdq.PRECISIONS:
         raise UserError(
             f"unknown precision {placement.precision!r}", f"use one of {', '.join(qdq.PRECISIONS)}"
         )
+    evaluation = None
+    if budget is not None:
+        if placement is None:
+            raise UserError(
+                "a fidelity target moves INT8/FP8 nodes to high precision, and there are none",
+                "use --precision int8 or fp8",
+            )
+        batches, evaluation = budget.split(batches, model)
+    keep = fidelity.samples if evaluation is None else None
+    prepared = prepare(
+        model,
+        batches,
+        placement=placement,
+        mixed=mixed,
+        calibration=calibration,
+        stats=stats,
+        cache=cache,
+        frozen=frozen,
+        keep=keep,
+    )
+    model, plan, ranges, stats = prepared.model, prepared.plan, prepared.ranges, prepared.stats
+    node_macs = prepared.node_macs
+    search = budget.search(prepared, evaluation) if budget and evaluation else None
+    if search is not None:
+        plan = search.plan
+    result, precision_plan = lower(
+        model,
+        plan,
+        ranges,
+        placement.precision if placement is not None else None,
+        mixed,
+        fp16_limits(stats),
+        prepared.example,
+    )
+    check_model(result, full=True)
+    invariants.verify_written(result, {d.name for d in plan.decisions if d.quantized})
+    checked = evaluation.keeper(model) if evaluation is not None else prepared.kept
+    verification = verify(model, result, checked, sum(node_macs.values()), fidelity)
+    report = build_report(
+        plan, ranges, placement, calibration, stats, coverage.measure(result, node_macs)
+    )
+    if mixed is not None:
+        report["mixed_precision"] = _mixed_report(
+            mixed, precision_plan, node_macs, plan, ranges, stats
+        )
+    if search is not None:
+        report["fallback"] = search.to_json()
+    report["verification"] = verification.to_json()
+    if not verification.outputs and not verification.backend.startswith("none"):
+        raise RuntimeError("the rewritten model produced no comparable outputs")
+    return QuantizeResult(result, plan, ranges, stats, report, verification)
+
+
+def prepare(
+    model: onnx.ModelProto,
+    batches: Iterable[Batch] | None,
+    *,
+    placement: qdq.PlacementOptions | None,
+    mixed: fp16.MixedPrecisionOptions | None,
+    calibration: CalibrationOptions,
+    stats: CalibrationStats | None = None,
+    cache: TrtCache | None = None,
+    frozen: Mapping[str, np.ndarray] | None = None,
+    keep: int | None = None,
+) -> Prepared:
+    """Stages 1-3 of :func:`quantize`: the planning graph, the plan, the ranges.
+
+    ``trtq sensitivity`` starts from here too. The first ``keep`` samples of ``batches``
+    are kept as calibration reads them, for the check after writing.
+    """
     _refuse_quantized(model)
     check_model(model)
-    model = normalize(model, frozen=frozen)
-    if (placement is not None and placement.precision == "fp8") or (placement and mixed):
-        # FP8 Q/DQ, and Q/DQ whose scales are FP16/BF16, need opset 19.
-        model = upgrade_opset(model, FP8_MIN_OPSET)
+    # Reused ranges are validated, and checked against this model and placement, first.
+    check_reused(model, stats, cache, placement=placement, frozen=frozen, method=calibration.method)
+    fresh_stats = stats is None and cache is None
+    fingerprint = model_fingerprint(model) if fresh_stats else None
+    # The same graph `trtq calibrate` plans on, so both observe the same tensors.
+    model = planning_graph(model, placement, frozen, mixed=mixed is not None)
     if mixed is not None and mixed.precision == "bf16":
         model = _upgrade_for_bf16(model)
+    kept = SampleKeeper(batches, keep, model) if batches is not None and keep else None
+    if kept is not None:
+        batches = kept.stream()
     example, batches = peek(batches) if batches is not None else (None, None)
     shapes = Shapes(model, example, per_sample=True, observed=_observed(model, example))
     node_macs = {node.name: macs(node, shapes) for node in all_nodes(model.graph)}
@@ -113,31 +240,57 @@ def quantize(
     if mixed is not None and batches is not None and stats is None and cache is None:
         observed = list(dict.fromkeys([*observed, *float_activations(model)]))
     ranges, stats = _ranges(model, observed, batches, calibration, stats, cache)
+    if fresh_stats and stats is not None:  # written by --stats: say what they were made for
+        stats.model_sha256 = fingerprint or stats.model_sha256
+        stats.scope = CalibrationScope(
+            placement=placement_json(placement) if placement else None,
+            method=calibration.method,
+            percentile=calibration.percentile,
+            frozen=frozen_json(frozen),
+            tensors="all" if mixed is not None else "quantizable",
+        )
     if placement is not None:
         plan = plan.with_ranges(ranges, graph)
-        graph = qdq.insert(graph, plan, ranges, placement.precision)
-    result = infer_shapes(export(graph, like=model))
+        histograms = stats.histograms if stats is not None else None
+        ranges = plan.shared_ranges(ranges, histograms, calibration.method, calibration.percentile)
+    return Prepared(model, graph, plan, ranges, stats, node_macs, example, placement, mixed, kept)
+
+
+def lower(
+    model: onnx.ModelProto,
+    plan: qdq.QuantPlan,
+    ranges: Mapping[str, TensorRange],
+    precision: str | None,
+    mixed: fp16.MixedPrecisionOptions | None,
+    fp16_amax: Mapping[str, float],
+    example: Batch | None,
+) -> tuple[onnx.ModelProto, fp16.PrecisionPlan | None]:
+    """Stages 4-5 of :func:`quantize`: the Q/DQ pairs of ``plan``, then FP16/BF16 per ``mixed``.
+
+    ``precision`` None inserts no Q/DQ. A fidelity search (:mod:`trtq.tune`) builds each
+    candidate with this function, so the model it settles on is the model written.
+    """
+    if precision is not None:
+        # Scales are chosen among FP16/BF16 numbers when the model is converted next.
+        low = fp16.low_dtype(mixed.precision) if mixed is not None else None
+        result = qdq.insert(model, plan, ranges, precision, scale_dtype=low)
+    else:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)  # fp16.convert rewrites in place; model stays the reference
+    result = infer_shapes(result)
     precision_plan = None
     if mixed is not None:
-        # A tensor with mask fills (-3.4e38, -inf) is as far out of FP16's range as it gets.
-        amax = (
-            {n: math.inf if h.sentinel_count else h.amax for n, h in stats.histograms.items()}
-            if stats
-            else {}
-        )
-        precision_plan = fp16.plan_precision(result, mixed, amax, Shapes(result, example))
+        precision_plan = fp16.plan_precision(result, mixed, fp16_amax, Shapes(result, example))
         result = infer_shapes(fp16.convert(result, precision_plan, mixed))
-    check_model(result, full=True)
-    verification = numeric_check(model, result, example, sum(node_macs.values()))
-    report = build_report(plan, ranges, placement, calibration, stats)
-    if mixed is not None:
-        report["mixed_precision"] = _mixed_report(
-            mixed, precision_plan, node_macs, plan, ranges, stats
-        )
-    report["verification"] = verification
-    if not verification["outputs"] and not verification["backend"].startswith("none"):
-        raise RuntimeError("the rewritten model produced no comparable outputs")
-    return QuantizeResult(result, plan, ranges, stats, report)
+    return result, precision_plan
+
+
+def fp16_limits(stats: CalibrationStats | None) -> dict[str, float]:
+    """Observed |x| per tensor for the FP16/BF16 plan; a tensor with mask fills (-3.4e38,
+    -inf) is as far out of FP16's range as it gets."""
+    if stats is None:
+        return {}
+    return {n: math.inf if h.sentinel_count else h.amax for n, h in stats.histograms.items()}
 
 
 def _observed(model: onnx.ModelProto, example: Batch | None) -> dict[str, tuple[int, ...]]:
@@ -250,18 +403,29 @@ def build_report(
     placement: qdq.PlacementOptions | None,
     calibration: CalibrationOptions,
     stats: CalibrationStats | None,
+    measured_coverage: dict,
 ) -> dict:
-    """The machine-readable account of what was quantized, what was not, and why."""
+    """The machine-readable account of what was quantized, what was not, and why.
+
+    ``measured_coverage`` is read off the written graph (:func:`trtq.graph.coverage.measure`):
+    what TensorRT will run quantized, not what the plan meant to.
+    """
     roles = {t: "activation" for t in plan.activations()}
     roles.update({name: use.reason for name, use in plan.fusion_tensors.items()})
     return {
         "trtq_version": __version__,
+        # What produced the figures: onnx wrote the graph, ONNX Runtime calibrated and checked it.
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
         "precision": placement.precision if placement else None,
         "method": calibration.method,
-        "coverage": plan.coverage(),
+        "percentile": calibration.percentile,
+        "coverage": measured_coverage,
         "quantized_tensors": [
             {**ranges[t].to_json(), "role": roles[t]} for t in plan.activations()
         ],
+        # Tensors joined by range-preserving ops (MaxPool, Reshape, Concat...): one scale each.
+        "range_groups": [list(group) for group in plan.range_groups],
         "quantized_nodes": [d.to_json() for d in plan.decisions if d.quantized],
         "float_nodes": [
             {"name": d.name, "op": d.op, "macs": d.macs, "reason": d.reason}

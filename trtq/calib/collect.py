@@ -21,8 +21,10 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from trtq.calib.data.feeds import is_whole_feed, samples_in
 from trtq.calib.histogram import DEFAULT_BINS, Histogram
 from trtq.errors import UserError
+from trtq.graph.load import model_inputs
 from trtq.graph.shapes import Shapes
 from trtq.sessions import open_session
 
@@ -51,8 +53,12 @@ class Shard:
     @classmethod
     def parse(cls, text: str) -> Shard:
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-        if not match or not 1 <= int(match[1]) <= int(match[2]):
-            raise UserError(f"bad --shard {text!r}", "write K/N with 1 <= K <= N, e.g. --shard 2/4")
+        if not match:
+            raise UserError(
+                f"bad shard {text!r}: not K/N", "write e.g. --shard 2/4 for the 2nd of 4 shards"
+            )
+        if not 1 <= int(match[1]) <= int(match[2]):
+            raise UserError(f"bad shard {text!r}: K must be from 1 to N", "write e.g. --shard 2/4")
         return cls(int(match[1]), int(match[2]))
 
     def owns(self, batch_index: int) -> bool:
@@ -74,11 +80,14 @@ def peek(batches: Iterable[Batch]) -> tuple[Batch | None, Iterable[Batch]]:
 
 def parse_memory(text: str) -> int:
     """'512M', '4G', '1.5GiB', '1000000' -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not match:
         raise UserError(f"bad memory size {text!r}", "write it like 512M or 4G")
     factor = 1024 ** " kmgt".index(match[2] or " ")
-    return int(float(match[1]) * factor)
+    size = int(float(match[1]) * factor)
+    if not 1 <= size < 1 << 60:
+        raise UserError(f"bad memory size {text!r}: out of range", "write it like 512M or 4G")
+    return size
 
 
 def collect(
@@ -94,6 +103,7 @@ def collect(
 ) -> Collection:
     """Histograms of ``tensors`` over every batch (of this shard), in bounded memory."""
     input_names = {v.name for v in model.graph.input}
+    inputs = model_inputs(model)
     outputs = [t for t in tensors if t not in input_names]
     example, batches = peek(batches)
     groups = plan_groups(model, outputs, example, max_memory)
@@ -122,7 +132,7 @@ def collect(
                     continue
                 if first_pass:
                     num_batches += 1
-                    num_samples += len(next(iter(batch.values())))
+                    num_samples += samples_in(batch, inputs)
                     for name in input_names & histograms.keys():
                         histograms[name].update(batch[name])
                 if session is not None:
@@ -203,9 +213,13 @@ def observe_shapes(
     return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(outputs, values, strict=True)}
 
 
-def batch_size(batch: Batch) -> int:
-    """The leading dim of the first input that has one (scalars and states may not)."""
-    return next((len(a) for a in batch.values() if np.ndim(a) > 0), 1)
+def batch_size(batch: Batch, model: onnx.ModelProto) -> int:
+    """Samples in one call of ``model``: its inputs' shared dim 0, or 1 for a whole feed.
+
+    A whole feed (inputs without a shared batch axis, such as a sequence and its recurrent
+    state: :mod:`trtq.calib.data.feeds`) is one model call and counts as one sample.
+    """
+    return samples_in(batch, model_inputs(model))
 
 
 def first_samples(batch: Batch, keep: int, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -213,9 +227,13 @@ def first_samples(batch: Batch, keep: int, model: onnx.ModelProto) -> dict[str, 
 
     An input is batch-major when the model leaves its leading dim free and the data's
     leading dim is the batch size (a recurrent state ``[2, batch, 128]``, a scalar
-    setting or a fixed-length sequence is not).
+    setting or a fixed-length sequence is not). A whole feed is one sample: it is
+    returned as it is.
     """
-    samples = batch_size(batch)
+    inputs = model_inputs(model)
+    if is_whole_feed(batch, inputs):
+        return dict(batch)
+    samples = samples_in(batch, inputs)
     free = {
         v.name
         for v in model.graph.input

@@ -28,7 +28,7 @@ DEFAULT_BINS = 2048
 #: -1e4 and are caught by range analysis instead; -1e9, -3.4e38 and -inf land here).
 SENTINEL_ABS = 1e9
 #: The smallest histogram range: below this every value is effectively zero.
-_MIN_RANGE_EXP = -64
+MIN_RANGE_EXP = -64
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Histogram:
 
     def _grow_to(self, largest: float) -> None:
         """Widen the range (by whole powers of two) so that ``largest`` < range."""
-        needed = max(math.frexp(largest)[1], _MIN_RANGE_EXP) if largest > 0 else _MIN_RANGE_EXP
+        needed = max(math.frexp(largest)[1], MIN_RANGE_EXP) if largest > 0 else MIN_RANGE_EXP
         if self.range_exp is None:
             self.range_exp = needed
         elif needed > self.range_exp:

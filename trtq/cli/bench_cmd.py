@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from trtq.cli import flagtypes
 from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
 from trtq.cli.run_cmd import add_runtime_arguments, load_engine
 from trtq.errors import DataError, UserError
@@ -27,6 +28,8 @@ engine.infer (input checks included, as a caller sees it), in milliseconds; thro
 is calls and samples per second of wall time over all threads."""
 
 PERCENTILES = (50, 90, 99)
+#: More threads than this only queue behind each other (and each holds a stack).
+MAX_THREADS = 1024
 
 
 def add_parser(subparsers, parents) -> None:
@@ -44,23 +47,34 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("model", help="ONNX model (.onnx) or TensorRT engine (.engine, .plan)")
     parser.add_argument(
         "--shapes",
+        type=flagtypes.shapes,
         nargs="+",
         metavar="NAME:DIMS",
         help="input shapes, trtexec syntax: x:1x3x224x224 (several: a:1x3,b:1x128) "
         "(default: the model's static shapes)",
     )
     parser.add_argument("--data", help="use batches of this data instead of random inputs")
-    parser.add_argument("--iterations", type=int, default=200, help="timed calls in all")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed calls first")
-    parser.add_argument("--threads", type=int, default=1, help="threads calling the engine")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--iterations", type=flagtypes.count, default=200, help="timed calls in all"
+    )
+    parser.add_argument(
+        "--warmup", type=flagtypes.integer(0), default=20, help="untimed calls first"
+    )
+    parser.add_argument(
+        "--threads",
+        type=flagtypes.integer(1, MAX_THREADS),
+        default=1,
+        help="threads calling the engine",
+    )
+    parser.add_argument(
+        "--seed", type=flagtypes.integer(0), default=0, help="seed of the random inputs"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     add_runtime_arguments(parser)
     add_data_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_counts(args)
     if args.data and args.shapes:
         raise UserError("--shapes and --data both give the inputs", "pass one of them")
     with load_engine(args) as engine:
@@ -83,16 +97,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
-
-
-def _check_counts(args: argparse.Namespace) -> None:
-    for flag, value, least in (
-        ("--iterations", args.iterations, 1),
-        ("--warmup", args.warmup, 0),
-        ("--threads", args.threads, 1),
-    ):
-        if value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}", f"fix {flag}")
 
 
 def _inputs(args: argparse.Namespace, engine) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -1,4 +1,8 @@
-"""``trtq inspect MODEL``: inputs, outputs, opset, op histogram, prior quantization."""
+"""``trtq inspect MODEL``: inputs, outputs, opset, op histogram, prior quantization.
+
+``--check`` lists instead where the model breaks a TensorRT invariant (for a Q/DQ model from any
+tool); ``--strict`` makes any finding a failed gate (exit 3).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import argparse
 import numpy as np
 
 from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
+from trtq.errors import EXIT_GATE_FAILED, EXIT_OK, UserError
+from trtq.graph import invariants
 from trtq.graph.inspect import ModelSummary, summarize
 from trtq.graph.load import load_model
 
@@ -19,18 +25,31 @@ def add_parser(subparsers, parents) -> None:
         help="describe an ONNX model",
         description="Print a model's inputs and outputs, opset, op histogram and whether it "
         "is already quantized. With --data, read the data as calibration would and check "
-        "it against the model's inputs (names, shapes, dtypes, NaN/Inf).",
+        "it against the model's inputs (names, shapes, dtypes, NaN/Inf). With --check, list "
+        "where a quantized model (from trtq, onnxruntime, ModelOpt...) breaks what TensorRT "
+        "needs to fuse its Q/DQ nodes.",
         epilog="examples:\n  trtq inspect calib_data/mnist_cnn.onnx --json\n"
-        "  trtq inspect calib_data/mnist_cnn.onnx --data calib_data/mnist_calib.npz",
+        "  trtq inspect calib_data/mnist_cnn.onnx --data calib_data/mnist_calib.npz\n"
+        "  trtq inspect model.int8.onnx --check --strict",
         parents=parents,
     )
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     parser.add_argument("--data", help="calibration data to check against the model")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="list the model's TensorRT invariant findings (one per line; --json: a list)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="with --check: exit 3 if there is any finding"
+    )
     add_data_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.check or args.strict:
+        return run_check(args)
     summary = summarize(load_model(args.model))
     data = check_data(args, summary) if args.data else None
     if args.json:
@@ -45,14 +64,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_check(args: argparse.Namespace) -> int:
+    """Report every finding; a failed gate only with --strict (a foreign model is not ours)."""
+    if not args.check:
+        raise UserError("--strict applies to --check", "add --check")
+    if args.data:
+        raise UserError("--check and --data are separate checks", "run trtq inspect once for each")
+    findings = invariants.check(load_model(args.model))
+    if args.json:
+        print_json([finding.to_json() for finding in findings])
+    else:
+        for finding in findings:
+            print(finding)
+        errors = sum(f.severity == invariants.ERROR for f in findings)
+        print(
+            f"{args.model}: {len(findings)} finding(s), {errors} error(s)"
+            if findings
+            else f"{args.model}: no findings"
+        )
+    return EXIT_GATE_FAILED if findings and args.strict else EXIT_OK
+
+
 def check_data(args: argparse.Namespace, summary: ModelSummary) -> dict:
     """Read every batch (each is validated as it is read) and summarise the values per input."""
+    from trtq.calib.data.feeds import samples_in
+
     source = open_data(args, args.data, summary.inputs)
     seen: dict[str, dict] = {}
     batches = samples = 0
     for batch in source:
         batches += 1
-        samples += len(next(iter(batch.values())))
+        samples += samples_in(batch, summary.inputs)
         for name, array in batch.items():
             entry = seen.setdefault(
                 name, {"dtype": str(array.dtype), "shape": "x".join(map(str, array.shape))}

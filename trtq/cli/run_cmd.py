@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from trtq.cli import flagtypes
 from trtq.cli.common import add_command, add_data_arguments, open_data, print_json
 from trtq.errors import UserError
 
@@ -54,14 +55,32 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of :func:`trtq.load`, shared by ``trtq run`` and ``trtq bench``."""
     group = parser.add_argument_group("runtime")
     group.add_argument(
-        "--providers", help="ONNX Runtime providers, comma-separated (e.g. cuda,cpu); default cpu"
+        "--providers",
+        type=flagtypes.providers,
+        help="ONNX Runtime providers, comma-separated (e.g. cuda,cpu); default cpu",
     )
-    group.add_argument("--device", type=int, default=0, help="GPU index (TensorRT, ORT cuda)")
+    group.add_argument(
+        "--device", type=flagtypes.integer(0), default=0, help="GPU index (TensorRT, ORT cuda)"
+    )
     group.add_argument(
         "--plugins",
         nargs="+",
         metavar="LIB",
-        help="TensorRT plugins (.so libraries or .py modules) to load first (ignored for .onnx)",
+        help="TensorRT plugins (.so libraries or .py modules) to load first (ignored for .onnx); "
+        "only these load, whatever the engine's sidecar records",
+    )
+    group.add_argument(
+        "--allow-host-code",
+        action="store_true",
+        help="let a version-compatible engine run the TensorRT runtime embedded in it "
+        "(only for engines you trust)",
+    )
+    group.add_argument(
+        "--max-contexts",
+        type=flagtypes.integer(1),
+        metavar="N",
+        help="at most N TensorRT execution contexts, shared by all threads (each holds the "
+        "engine's activation memory); default: what half the free GPU memory holds, 1 to 8",
     )
 
 
@@ -72,17 +91,26 @@ def load_engine(args: argparse.Namespace):
     providers = (
         [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     )
-    return load(args.model, args.device, plugins=args.plugins, providers=providers)
+    return load(
+        args.model,
+        args.device,
+        plugins=args.plugins,
+        allow_host_code=args.allow_host_code,
+        max_contexts=args.max_contexts,
+        providers=providers,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from trtq.calib.data import DEFAULT_BATCH_SIZE
-    from trtq.runtime.base import count_samples, default_batch_size
+    from trtq.calib.data.feeds import samples_in
+    from trtq.runtime.base import default_batch_size
 
     with load_engine(args) as engine:
         if args.batch_size is None:
             args.batch_size = default_batch_size(engine.inputs, DEFAULT_BATCH_SIZE)
-        batches = open_data(args, args.data, engine.tensor_specs())
+        specs = engine.tensor_specs()
+        batches = open_data(args, args.data, specs)
         summaries = {spec.name: OutputSummary(spec.name) for spec in engine.outputs}
         keep = args.save_outputs is not None
         samples = count = 0
@@ -93,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             seconds += time.perf_counter() - start
             for name, array in outputs.items():
                 summaries[name].add(array, index, keep=keep)
-            samples += count_samples(batch)
+            samples += samples_in(batch, specs)
             count += 1
         info = engine.info()
     if args.save_outputs:

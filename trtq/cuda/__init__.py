@@ -1,1 +1,2 @@
-"""CUDA helpers (pycuda, imported lazily): device contexts and batch streaming."""
+"""CUDA helpers: device contexts and batch streaming (pycuda, imported lazily), and the
+driver's own account of its version and GPUs (libcuda through ctypes, :mod:`.driver`)."""

@@ -3,7 +3,14 @@
 TensorRT 11 has no FP16 builder flag: a network computes in the types its
 tensors carry. This module rewrites an FP32 model (or the float parts of a Q/DQ
 model) so that most nodes compute in FP16 or BF16, keeps in FP32 the nodes
-where reduced precision would hurt, and inserts Cast nodes at every boundary.
+where reduced precision would hurt, and inserts Cast nodes at every boundary,
+through :class:`~trtq.graph.edit.GraphEditor` (fresh names, one Cast per tensor).
+
+Q/DQ nodes take the precision of their neighbours, never a Cast
+(ARCHITECTURE.md §Fusion rules): a QuantizeLinear follows its input, a
+DequantizeLinear goes low when a reader does, and a reader in the other precision
+gets its own retyped DequantizeLinear (scale in its type). Scales converted to FP16
+stay normal numbers (see :func:`trtq.graph.edit.representable_scale`).
 
 Which float inputs and outputs of a node change type is read from the node's
 ONNX schema: every type parameter (``T``, ``T2``…) bound to a float32 tensor is
@@ -29,21 +36,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
+from trtq.graph.edit import GraphEditor, numpy_dtype, to_float_type
 from trtq.graph.shapes import Shapes
 
 log = logging.getLogger(__name__)
 
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 _TYPE_STR = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
-_NUMPY = {
-    TensorProto.FLOAT16: np.dtype(np.float16),
-    TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
-}
 FP16_MAX = 65504.0
 DEFAULT_MAX_ABS = 512.0
 DEFAULT_MAX_REDUCTION = 1 << 16
@@ -63,6 +66,7 @@ _REDUCTIONS = frozenset(
     }
 )
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 #: Ops whose float output type comes from an attribute, not from an input.
 _DTYPE_ATTRS = {
     "Cast": "to",
@@ -121,7 +125,51 @@ def plan_precision(
         plan.reasons[node.name] = _reason_to_keep(
             node, options, types, weights, opset, pattern, activation_amax or {}, shapes
         )
+    _qdq_follow_neighbours(model.graph, plan, options.keep_io_types)
     return plan
+
+
+def low_dtype(precision: str) -> np.dtype:
+    """The numpy type of ``precision`` ("fp16" or "bf16")."""
+    return numpy_dtype(LOW_TYPES[precision])
+
+
+def _qdq_follow_neighbours(
+    graph: onnx.GraphProto, plan: PrecisionPlan, keep_io_types: bool
+) -> None:
+    """Q/DQ nodes take the precision of what they sit between, so no Cast lands next to them.
+
+    A DequantizeLinear read only by FP32 nodes stays FP32 (its readers would otherwise
+    need a Cast between it and them, which TensorRT does not fuse); one read by a low node
+    goes low, and its FP32 readers get a retyped copy in :func:`convert`. A QuantizeLinear
+    follows its input's precision (its output is int8 either way).
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def low(node: onnx.NodeProto) -> bool:
+        return node.name in plan.reasons and plan.reasons[node.name] is None
+
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not low(node):
+            continue
+        found = readers.get(node.output[0], [])
+        if found and not any(low(reader) for reader in found):
+            plan.reasons[node.name] = "DequantizeLinear read only by FP32 nodes"
+    graph_inputs = {v.name for v in graph.input}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or not low(node):
+            continue
+        source = producers.get(node.input[0])
+        if source is None and node.input[0] in graph_inputs:
+            low_input = not keep_io_types
+        else:
+            low_input = source is not None and low(source)
+        if not low_input:
+            plan.reasons[node.name] = f"QuantizeLinear of {node.input[0]}, which stays FP32"
 
 
 def _reason_to_keep(node, options, types, weights, opset, pattern, amax, shapes) -> str | None:
@@ -168,14 +216,19 @@ def _reduced_elements(node: onnx.NodeProto, shapes: Shapes) -> int:
 def convert(
     model: onnx.ModelProto, plan: PrecisionPlan, options: MixedPrecisionOptions
 ) -> onnx.ModelProto:
-    """Rewrite ``model`` to the plan's precisions, with Casts at every FP32/low boundary."""
+    """Rewrite ``model`` (in place) to the plan's precisions, with a Cast at every boundary.
+
+    A DequantizeLinear output read in the other precision gets a retyped DequantizeLinear
+    (its scale in that type) instead of a Cast: TensorRT fuses DQ -> Conv, not
+    DQ -> Cast -> Conv. Every added name comes from :class:`~trtq.graph.edit.GraphEditor`.
+    """
     low = LOW_TYPES[options.precision]
     graph = model.graph
+    editor = GraphEditor(model)
     types = _tensor_types(model)
     opset = _default_opset(model)
     weights = {init.name: init for init in graph.initializer}
     graph_inputs = {v.name for v in graph.input}
-    graph_outputs = {v.name for v in graph.output}
     # Pass 1: which tensors become low (outputs of low nodes, by their switched params).
     low_tensors: set[str] = set()
     switched: dict[str, set[str]] = {}
@@ -186,29 +239,8 @@ def convert(
             low_tensors.update(_outputs_with_params(node, params, opset))
     if not options.keep_io_types:
         low_tensors.update(n for n in graph_inputs if types.get(n) == TensorProto.FLOAT)
-    new_nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
-    converted_weights: dict[str, str] = {}
 
-    def cast(name: str, to: int) -> str:
-        key = (name, to)
-        if key not in casts:
-            suffix = "fp32" if to == TensorProto.FLOAT else options.precision
-            casts[key] = f"{name}_to_{suffix}"
-            new_nodes.append(
-                helper.make_node("Cast", [name], [casts[key]], to=to, name=f"{name}_Cast_{suffix}")
-            )
-        return casts[key]
-
-    def low_weight(name: str) -> str:
-        if name not in converted_weights:
-            array = numpy_helper.to_array(weights[name]).astype(np.float32)
-            converted = f"{name}_{options.precision}"
-            graph.initializer.append(_low_tensor(array, converted, low))
-            converted_weights[name] = converted
-        return converted_weights[name]
-
-    for node in graph.node:
+    for node in list(graph.node):
         params = switched.get(node.name)
         if params is not None:
             for index, name in enumerate(node.input):
@@ -216,65 +248,41 @@ def convert(
                     continue
                 if _param(node, index, opset, output=False) not in params:
                     if name in low_tensors:  # an input the schema fixes to float32
-                        node.input[index] = cast(name, TensorProto.FLOAT)
+                        node.input[index] = editor.cast(name, TensorProto.FLOAT)
                     continue
                 if name in weights and weights[name].data_type == TensorProto.FLOAT:
-                    node.input[index] = low_weight(name)
+                    node.input[index] = editor.converted_initializer(
+                        name, low, scale=_is_scale(node, index)
+                    )
                 elif name not in low_tensors and types.get(name) == TensorProto.FLOAT:
-                    node.input[index] = cast(name, low)
+                    node.input[index] = editor.cast(name, low)
             _retype_attributes(node, low)
         else:
             for index, name in enumerate(node.input):
                 if name in low_tensors:
-                    node.input[index] = cast(name, TensorProto.FLOAT)
-        new_nodes.append(node)
+                    node.input[index] = editor.cast(name, TensorProto.FLOAT)
     # Graph outputs keep their name and FP32 type: the low producer writes "<name>_<precision>".
     if options.keep_io_types:
         for output in graph.output:
             if output.name in low_tensors:
-                inner = f"{output.name}_{options.precision}"
-                for node in new_nodes:
-                    node.output[:] = [inner if o == output.name else o for o in node.output]
-                    node.input[:] = [inner if i == output.name else i for i in node.input]
+                inner = editor.names.fresh(f"{output.name}_{options.precision}")
+                editor.rename_output(output.name, inner)
                 low_tensors.discard(output.name)
                 low_tensors.add(inner)
-                new_nodes.append(
-                    helper.make_node(
-                        "Cast",
-                        [inner],
-                        [output.name],
-                        to=TensorProto.FLOAT,
-                        name=f"{output.name}_Cast_fp32",
-                    )
+                editor.add_node(
+                    "Cast",
+                    [inner],
+                    [output.name],
+                    name=f"{output.name}_Cast_fp32",
+                    to=TensorProto.FLOAT,
                 )
-    del graph.node[:]
-    graph.node.extend(
-        _toposort(new_nodes, graph_inputs | set(weights) | set(converted_weights.values()))
-    )
     _retype_values(graph, low_tensors, low, keep_io_types=options.keep_io_types)
-    unused = set(weights) - _referenced(graph) - graph_outputs
-    kept = [init for init in graph.initializer if init.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return model
+    return editor.finish()
 
 
-def _referenced(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by a node of ``graph`` or of its subgraphs (outer-scope reads)."""
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= _referenced(sub)
-    return names
-
-
-def _low_tensor(array: np.ndarray, name: str, low: int) -> onnx.TensorProto:
-    limit = (
-        FP16_MAX if low == TensorProto.FLOAT16 else float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    )
-    return numpy_helper.from_array(np.clip(array, -limit, limit).astype(_NUMPY[low]), name)
+def _is_scale(node: onnx.NodeProto, index: int) -> bool:
+    """Whether input ``index`` of ``node`` is a QuantizeLinear/DequantizeLinear scale."""
+    return node.op_type in _QDQ and index == 1
 
 
 def _retype_attributes(node: onnx.NodeProto, low: int) -> None:
@@ -287,7 +295,8 @@ def _retype_attributes(node: onnx.NodeProto, low: int) -> None:
             and attr.name == "value"
             and attr.t.data_type == TensorProto.FLOAT
         ):
-            attr.t.CopyFrom(_low_tensor(numpy_helper.to_array(attr.t), attr.t.name, low))
+            converted = to_float_type(numpy_helper.to_array(attr.t), low)
+            attr.t.CopyFrom(numpy_helper.from_array(converted, attr.t.name))
 
 
 def _retype_values(
@@ -301,26 +310,6 @@ def _retype_values(
         for value in (*graph.input, *graph.output):
             if value.name in low_tensors and value.type.tensor_type.elem_type == TensorProto.FLOAT:
                 value.type.tensor_type.elem_type = low
-
-
-def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Order nodes so every input is produced before use (Casts were appended out of order)."""
-    ready = set(available) | {""}
-    pending = list(nodes)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        remaining = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                remaining.append(node)
-        if len(remaining) == len(pending):  # outer-scope names (subgraphs) or a cycle: keep order
-            ordered.extend(remaining)
-            break
-        pending = remaining
-    return ordered
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from trtq.errors import ModelError
+from trtq.graph.edit import NameAllocator, gs_graphs, stamp_producer
+from trtq.graph.load import OLD_IR_RULES_UNTIL, with_ir_version
 from trtq.graph.surgery import replace_uses
 
 log = logging.getLogger(__name__)
@@ -49,20 +51,27 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.Model
     """Convert a model whose opset is below ``target`` with onnx's version converter.
 
     Models at or above ``target`` are returned unchanged: converting upwards
-    needlessly only risks the converter's gaps.
+    needlessly only risks the converter's gaps. Old exports (IR version 3) are first
+    read by IR 4's rules, as ONNX Runtime reads them (initializers need not be graph
+    inputs; the converter loses track of those that are not), and the result declares
+    an IR version that can hold its new opset.
     """
+    model = with_ir_version(model, OLD_IR_RULES_UNTIL + 1)
     current = default_opset(model)
     if current >= target:
         return model
     log.info("upgrading opset %d -> %d", current, target)
     try:
-        return version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(model, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"cannot convert the model from opset {current} to {target}: {first}",
             f"re-export it with opset >= {target} (per-channel quantization needs it)",
         ) from exc
+    needed = helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    converted.ir_version = max(converted.ir_version, needed)
+    return converted
 
 
 def constants_to_initializers(graph: gs.Graph) -> gs.Graph:
@@ -73,7 +82,7 @@ def constants_to_initializers(graph: gs.Graph) -> gs.Graph:
     nodes instead. A Constant whose output is a graph output stays a node,
     because ONNX graph outputs cannot be initializers.
     """
-    for subgraph in _graphs(graph):
+    for subgraph in gs_graphs(graph):
         for node in [n for n in subgraph.nodes if n.op == "Constant"]:
             output = node.outputs[0]
             if output in subgraph.outputs:
@@ -109,16 +118,18 @@ def name_nodes(graph: gs.Graph) -> gs.Graph:
     """Give every unnamed (or duplicate-named) node a unique name like ``Conv_3``.
 
     Reports, ``--exclude-nodes`` patterns and TensorRT's layer names all refer
-    to nodes by name; exporters often leave them empty.
+    to nodes by name; exporters often leave them empty. Names the model already
+    uses (for nodes or tensors, in any subgraph) are never handed out, and the
+    first node to hold a name keeps it.
     """
-    used: set[str] = set()
+    names = NameAllocator.for_graph(graph)
+    seen: set[str] = set()
     index = 0
-    for subgraph in _graphs(graph):  # names are unique across If/Loop bodies too
+    for subgraph in gs_graphs(graph):  # names are unique across If/Loop bodies too
         for node in subgraph.nodes:
-            if not node.name or node.name in used:
-                base = f"{node.op}_{index}"
-                node.name = base if base not in used else f"{base}_{len(used)}"
-            used.add(node.name)
+            if not node.name or node.name in seen:
+                node.name = names.fresh(f"{node.op}_{index}")
+            seen.add(node.name)
             index += 1
     return graph
 
@@ -144,6 +155,7 @@ def fold_batchnorm(graph: gs.Graph) -> gs.Graph:
     actually run, i.e. after the BN scale is multiplied in; TensorRT fuses
     Conv+BN itself, so leaving BN in place would quantize the wrong weights.
     """
+    names = NameAllocator.for_graph(graph)
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         conv = _foldable_producer(bn, graph)
         if conv is None:
@@ -156,8 +168,10 @@ def fold_batchnorm(graph: gs.Graph) -> gs.Graph:
         new_bias = (bias.astype(np.float64) - mean) * factor + shift
         # Tensor names are unique in a graph; node names need not be (or exist).
         prefix, dtype = bn.outputs[0].name, weight.dtype
-        conv.inputs[1] = gs.Constant(f"{prefix}_folded_weight", new_weight.astype(dtype))
-        bias_tensor = gs.Constant(f"{prefix}_folded_bias", new_bias.astype(dtype))
+        conv.inputs[1] = gs.Constant(
+            names.fresh(f"{prefix}_folded_weight"), new_weight.astype(dtype)
+        )
+        bias_tensor = gs.Constant(names.fresh(f"{prefix}_folded_bias"), new_bias.astype(dtype))
         if len(conv.inputs) > 2:
             conv.inputs[2] = bias_tensor
         else:
@@ -268,19 +282,27 @@ def inline_constant_ifs(graph: gs.Graph) -> gs.Graph:
 
 
 def _inline_branch(graph: gs.Graph, node: gs.Node, branch: gs.Graph) -> None:
-    """Move ``branch``'s nodes into ``graph`` in place of the If ``node``."""
+    """Move ``branch``'s nodes into ``graph`` in place of the If ``node``.
+
+    A branch's own tensor or node whose name the outer graph already uses is renamed
+    ``<If name>/<name>`` (or a fresh variant of it).
+    """
     outer = graph.tensors().values()
     outer_ids, outer_names = {id(t) for t in outer}, {t.name for t in outer}
+    outer_names |= {n.name for n in graph.nodes if n is not node}
+    names = NameAllocator.for_graph(graph)
     for tensor in branch.tensors().values():  # the branch's own tensors, not outer-scope ones
         if id(tensor) not in outer_ids and tensor.name in outer_names:
-            tensor.name = f"{node.name}/{tensor.name}"
+            tensor.name = names.fresh(f"{node.name}/{tensor.name}")
+    for inner in branch.nodes:
+        if inner.name in outer_names:
+            inner.name = names.fresh(f"{node.name}/{inner.name}")
     results = list(node.outputs)
     node.outputs.clear()
     graph.nodes.extend(branch.nodes)
     for produced, result in zip(branch.outputs, results, strict=True):
-        graph.nodes.append(
-            gs.Node("Identity", f"{node.name}/{result.name}", inputs=[produced], outputs=[result])
-        )
+        name = names.fresh(f"{node.name}/{result.name}")
+        graph.nodes.append(gs.Node("Identity", name, inputs=[produced], outputs=[result]))
 
 
 def freeze_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -338,7 +360,10 @@ def normalize(
 
 
 def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a graph, keeping the model-level fields graphsurgeon does not carry."""
+    """Export a graph, keeping the model-level fields graphsurgeon does not carry.
+
+    ``producer_name``/``producer_version`` say trtq: the graph is trtq's rewrite.
+    """
     model = gs.export_onnx(graph.cleanup().toposort())
     # graphsurgeon drops the shape of scalar outputs (an empty tuple reads as "unknown");
     # keep each output's declared type when the original had one.
@@ -347,19 +372,8 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         if output.name in declared and not output.type.tensor_type.HasField("shape"):
             output.type.CopyFrom(declared[output.name])
     model.ir_version = like.ir_version
-    model.producer_name, model.producer_version = like.producer_name, like.producer_version
+    stamp_producer(model)
     model.doc_string = like.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
     return model
-
-
-def _graphs(graph: gs.Graph):
-    """The graph and, recursively, every subgraph in If/Loop/Scan attributes."""
-    yield graph
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            subgraphs = attr if isinstance(attr, list) else [attr]
-            for sub in subgraphs:
-                if isinstance(sub, gs.Graph):
-                    yield from _graphs(sub)

@@ -28,7 +28,7 @@ calibration runs the original model in ONNX Runtime.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ import onnx_graphsurgeon as gs
 from onnx.reference.op_run import OpRun
 
 from trtq.errors import ModelError, UserError
+from trtq.graph.edit import NameAllocator, gs_graphs, stamp_producer
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,11 @@ def stft_to_plugin(graph: gs.Graph, *, aot: bool = True) -> gs.Graph:
     and frames longer than :data:`STFT_MAX_FRAME_LENGTH`.
     """
     rewritten = 0
-    for subgraph in list(_graphs(graph)):
+    names = NameAllocator.for_graph(graph)
+    for subgraph in list(gs_graphs(graph)):
         nodes = [n for n in subgraph.nodes if _is_onnx_stft(n)]
         for node in nodes:
-            _rewrite_stft(node, aot)
+            _rewrite_stft(node, aot, names)
         if nodes:  # drop the frame_step/frame_length constants nothing reads any more
             subgraph.cleanup().toposort()
             rewritten += len(nodes)
@@ -97,7 +99,7 @@ def use_plugins(
     graph = gs.import_onnx(model)
     for op in ops:
         graph = PLUGIN_PASSES[op](graph, aot=aot)
-    result = gs.export_onnx(graph)
+    result = stamp_producer(gs.export_onnx(graph))
     result.ir_version = model.ir_version
     for prop in model.metadata_props:
         result.metadata_props.add(key=prop.key, value=prop.value)
@@ -119,8 +121,8 @@ def _is_onnx_stft(node: gs.Node) -> bool:
     return node.op == "STFT" and (node.domain or "") in ("", "ai.onnx")
 
 
-def _rewrite_stft(node: gs.Node, aot: bool) -> None:
-    name = node.name or node.outputs[0].name
+def _rewrite_stft(node: gs.Node, aot: bool, names: NameAllocator) -> None:
+    name = node.name or names.fresh(f"{node.outputs[0].name}_{STFT_OP}")
     where = f"STFT node '{name}'"
     inputs = list(node.inputs) + [None] * (4 - len(node.inputs))
     signal, step_input, window, length_input = inputs[:4]
@@ -152,7 +154,9 @@ def _rewrite_stft(node: gs.Node, aot: bool) -> None:
             "keep this STFT out of TensorRT",
         )
     if window is None:
-        window = gs.Constant(f"{name}_rectangular_window", np.ones(frame_length, np.float32))
+        window = gs.Constant(
+            names.fresh(f"{name}_rectangular_window"), np.ones(frame_length, np.float32)
+        )
     else:
         _check_window(window, frame_length, where)
 
@@ -265,16 +269,6 @@ def _import_domain(graph: gs.Graph) -> None:
         graph.import_domains = [onnx.helper.make_opsetid("", graph.opset)]
     if not any(opset.domain == PLUGIN_DOMAIN for opset in graph.import_domains):
         graph.import_domains.append(onnx.helper.make_opsetid(PLUGIN_DOMAIN, PLUGIN_OPSET))
-
-
-def _graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    """The graph and, recursively, every subgraph in If/Loop/Scan attributes."""
-    yield graph
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            for sub in attr if isinstance(attr, list) else [attr]:
-                if isinstance(sub, gs.Graph):
-                    yield from _graphs(sub)
 
 
 # --- numpy reference -----------------------------------------------------------------------

@@ -3,35 +3,45 @@
 TensorRT builds INT8 (or FP8) kernels where the graph says so: a
 DequantizeLinear feeding a Conv/Gemm/MatMul tells it the input may be read in
 reduced precision, and it fuses the Q/DQ pairs into the kernels around them.
-So the rules here are TensorRT's fusion rules (DESIGN.md §5):
+So the rules here are TensorRT's fusion rules (ARCHITECTURE.md §Fusion rules):
 
 * quantize the *inputs* of compute ops, never their outputs: activations
   per-tensor, constant weights per output channel; bias stays float;
-* a residual ``Add`` right after a quantized Conv gets Q/DQ on its *other*
-  (skip) input, which lets TensorRT fuse the add into the convolution;
+* a residual ``Add`` whose main branch ends in a quantized Conv gets Q/DQ on its
+  *other* (shortcut) input, which lets TensorRT fuse the add into the convolution;
+  the main branch is the longer path from the two inputs' common ancestor;
 * pooling between quantized neighbours gets Q/DQ on its input so the tensor
   stays INT8 through it;
+* quantized tensors joined by range-preserving ops (MaxPool, Reshape, Transpose,
+  Flatten, Squeeze/Unsqueeze, Slice, Pad, and Concat of quantized inputs) form a
+  *range group* and share one scale: no requantization across them;
 * one Q/DQ pair per tensor, shared by every quantized consumer.
 
 Placement happens in two steps. :func:`plan` decides from the graph alone which
-nodes are candidates and which tensors need a range (calibration observes
-exactly those); :meth:`QuantPlan.with_ranges` then leaves in float every node
-whose input range turned out unusable (sentinel masks, NaN). Every node left in
-float carries the reason, and :meth:`QuantPlan.coverage` reports the share of
-multiply-accumulates that run quantized.
+nodes are candidates and which tensors need a range (:meth:`QuantPlan.activations`:
+calibration observes exactly those); :meth:`QuantPlan.with_ranges` then leaves in
+float every node whose input range turned out unusable (sentinel masks, NaN), and
+:meth:`QuantPlan.shared_ranges` gives each range group its one range. Every node left
+in float carries the reason, and :meth:`QuantPlan.coverage` reports the share of
+multiply-accumulates that run quantized. :func:`insert` then writes the pairs through
+:mod:`trtq.graph.edit`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
+from functools import reduce
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from trtq.calib.ranges import TensorRange, weight_amax
+from trtq.calib.histogram import Histogram
+from trtq.calib.ranges import DEFAULT_METHOD, TensorRange, compute_range, weight_amax
+from trtq.graph.edit import GraphEditor, numpy_dtype, representable_scale
 from trtq.graph.patterns import COMPUTE_OPS
 from trtq.graph.shapes import RECURRENT_OPS
 
@@ -46,6 +56,10 @@ _PASS_THROUGH = frozenset(
     {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Reshape", "Flatten"}
 )
 _FORWARD = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+#: Ops whose output holds their first input's values unchanged (Concat is handled apart).
+RANGE_PRESERVING_OPS = frozenset(
+    {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad"}
+)
 
 
 @dataclass(frozen=True)
@@ -99,11 +113,39 @@ class QuantPlan:
 
     decisions: list[NodeDecision]
     fusion_tensors: dict[str, Fusion] = field(default_factory=dict)
+    #: Quantized tensors joined by range-preserving ops (MaxPool, Reshape, Concat...): each
+    #: group gets one range, so TensorRT needs no requantization between its members.
+    range_groups: list[tuple[str, ...]] = field(default_factory=list)
 
     def activations(self) -> list[str]:
-        """Every tensor that needs a calibrated range, in graph order, once."""
+        """Every tensor that gets a Q/DQ pair, in graph order, once: what calibration observes."""
         names = [d.activation for d in self.decisions if d.quantized and d.activation]
         return list(dict.fromkeys([*names, *self.fusion_tensors]))
+
+    def shared_ranges(
+        self,
+        ranges: Mapping[str, TensorRange],
+        histograms: Mapping[str, Histogram] | None = None,
+        method: str = DEFAULT_METHOD,
+        percentile: float = 99.99,
+    ) -> dict[str, TensorRange]:
+        """``ranges`` with every member of a range group given the group's one range.
+
+        With the members' histograms the group's range is chosen by ``method`` from their
+        merged histogram (the values of all members, so entropy, percentile and mse keep
+        their meaning); without them (ranges from a TensorRT cache) it is the largest
+        member range, so no member is clipped more than it was.
+        """
+        shared = dict(ranges)
+        for group in self.range_groups:
+            if histograms is not None and all(name in histograms for name in group):
+                merged = reduce(Histogram.merge, (histograms[name] for name in group))
+                found = compute_range(group[0], merged, method, percentile=percentile)
+            else:
+                found = max((ranges[name] for name in group), key=lambda r: r.amax)
+            for name in group:
+                shared[name] = replace(found, name=name)
+        return shared
 
     def coverage(self) -> dict:
         total = sum(d.macs for d in self.decisions)
@@ -137,13 +179,39 @@ class QuantPlan:
                 decisions.append(replace(d, quantized=False, reason=reason))
             else:
                 decisions.append(d)
-        quantized = {d.name for d in decisions if d.quantized}
-        fusion = {
-            t: use
-            for t, use in fusion_tensors(graph, quantized).items()
-            if t in ranges and ranges[t].quantizable
-        }
-        return QuantPlan(decisions, fusion)
+        return _refitted(decisions, ranges, graph)
+
+    def with_float(
+        self,
+        nodes: Collection[str],
+        reason: str,
+        ranges: Mapping[str, TensorRange],
+        graph: gs.Graph,
+    ) -> QuantPlan:
+        """The plan with ``nodes`` left in float for ``reason``; fusions re-derived.
+
+        The fallback to a fidelity target (:mod:`trtq.tune`) moves nodes out of INT8 this
+        way: a residual skip or pooling input that was quantized for their sake loses its
+        Q/DQ pair with them, and range groups shrink to the tensors still quantized.
+        """
+        decisions = [
+            replace(d, quantized=False, reason=reason) if d.quantized and d.name in nodes else d
+            for d in self.decisions
+        ]
+        return _refitted(decisions, ranges, graph)
+
+
+def _refitted(
+    decisions: list[NodeDecision], ranges: Mapping[str, TensorRange], graph: gs.Graph
+) -> QuantPlan:
+    """A plan of ``decisions`` with the fusions and range groups its quantized nodes call for."""
+    quantized = {d.name for d in decisions if d.quantized}
+    fusion = {
+        t: use
+        for t, use in fusion_tensors(graph, quantized).items()
+        if t in ranges and ranges[t].quantizable
+    }
+    return _with_groups(QuantPlan(decisions, fusion), graph)
 
 
 def plan(graph: gs.Graph, macs: Mapping[str, int], options: PlacementOptions) -> QuantPlan:
@@ -158,7 +226,49 @@ def plan(graph: gs.Graph, macs: Mapping[str, int], options: PlacementOptions) ->
             decisions.append(_decide(node, macs.get(node.name, 0), options, excluded))
     decisions += _control_flow_nodes(graph, macs)
     quantized = {d.name for d in decisions if d.quantized}
-    return QuantPlan(decisions, fusion_tensors(graph, quantized))
+    return _with_groups(QuantPlan(decisions, fusion_tensors(graph, quantized)), graph)
+
+
+def _with_groups(plan: QuantPlan, graph: gs.Graph) -> QuantPlan:
+    return replace(plan, range_groups=range_groups(graph, plan.activations()))
+
+
+def range_groups(graph: gs.Graph, quantized: list[str]) -> list[tuple[str, ...]]:
+    """Quantized tensors that must share one range: joined through range-preserving ops.
+
+    MaxPool, Reshape, Transpose, Flatten, Squeeze/Unsqueeze, Slice and Pad pass values
+    through unchanged (a subset, rearranged, or padded), and TensorRT runs them in INT8
+    between Q/DQ pairs only when the scales on both sides agree; different scales force a
+    requantization. A Concat joins its inputs and output only when every input is
+    quantized: TensorRT eliminates the concatenation when all inputs share one scale.
+    Groups (two tensors or more) keep the order of ``quantized``.
+    """
+    members = set(quantized)
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    def join(a: str, b: str) -> None:
+        a, b = root(a), root(b)
+        if a != b:
+            parent[a] = b
+
+    for node in graph.nodes:
+        data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+        if not data or not node.outputs:
+            continue
+        if node.op in RANGE_PRESERVING_OPS and node.inputs[0] is data[0]:
+            join(data[0].name, node.outputs[0].name)
+        elif node.op == "Concat" and all(t.name in members for t in data):
+            for tensor in data:
+                join(tensor.name, node.outputs[0].name)
+    groups: dict[str, list[str]] = {}
+    for name in quantized:
+        groups.setdefault(root(name), []).append(name)
+    return [tuple(group) for group in groups.values() if len(group) > 1]
 
 
 def fusion_tensors(graph: gs.Graph, quantized: set[str]) -> dict[str, Fusion]:
@@ -281,28 +391,119 @@ def _control_flow_nodes(graph: gs.Graph, macs: Mapping[str, int]) -> list[NodeDe
 
 
 def _residual_skips(graph: gs.Graph, quantized: set[str]) -> dict[str, Fusion]:
-    """Skip inputs of Adds that follow a quantized Conv: Q/DQ there lets TensorRT fuse the add."""
+    """Shortcut inputs of Adds whose main branch ends in a quantized Conv.
+
+    TensorRT fuses a residual Add into the Conv of the main branch when the other input
+    reads a DequantizeLinear; that other input (the shortcut) gets the Q/DQ pair. Which
+    input is the main branch is read from the structure (:func:`main_branch`), not from
+    the input order: exporters write ``x + f(x)`` and ``f(x) + x`` alike.
+    """
     skips: dict[str, Fusion] = {}
+    depth: dict[str, int] | None = None
     for add in graph.nodes:
         if add.op != "Add" or len(add.inputs) != 2:
             continue
         a, b = add.inputs
         if isinstance(a, gs.Constant) or isinstance(b, gs.Constant) or a is b:
             continue
-        for fused, skip in ((a, b), (b, a)):
-            producer = fused.inputs[0] if fused.inputs else None
-            if (
-                producer is not None
-                and producer.op == "Conv"
-                and producer.name in quantized
-                and len(fused.outputs) == 1
-                and fused not in graph.outputs
-            ):
-                reason = f"residual skip of {add.name}: lets TensorRT fuse it into {producer.name}"
-                earlier = skips[skip.name].consumers if skip.name in skips else ()
-                skips[skip.name] = Fusion(reason, (*earlier, add.name))
-                break
+        if not (_quantized_conv_output(a, quantized) or _quantized_conv_output(b, quantized)):
+            continue
+        depth = depth if depth is not None else _depths(graph)
+        main = main_branch(a, b, depth)
+        if main is None:  # branches of equal length: take the one a quantized Conv ends
+            main = a if _quantized_conv_output(a, quantized) else b
+        skip = b if main is a else a
+        if not _quantized_conv_output(main, quantized) or main in graph.outputs:
+            continue
+        if len(main.outputs) != 1:  # the Conv output is read elsewhere: no fusion
+            continue
+        conv = main.inputs[0]
+        reason = f"residual skip of {add.name}: lets TensorRT fuse it into {conv.name}"
+        earlier = skips[skip.name].consumers if skip.name in skips else ()
+        skips[skip.name] = Fusion(reason, (*earlier, add.name))
     return skips
+
+
+def _quantized_conv_output(tensor: gs.Tensor, quantized: set[str]) -> bool:
+    producer = tensor.inputs[0] if tensor.inputs else None
+    return producer is not None and producer.op == "Conv" and producer.name in quantized
+
+
+def main_branch(a: gs.Tensor, b: gs.Tensor, depth: Mapping[str, int]) -> gs.Tensor | None:
+    """Of the two inputs of a residual Add, the one at the end of the longer branch.
+
+    Both branches start at their nearest common ancestor (the block input of ``x + f(x)``);
+    the shortcut is the shorter path from it (none at all for an identity shortcut, one
+    Conv for a projection), the main branch the longer one. Inputs with no common
+    ancestor are compared by their longest path from the graph inputs. None when the two
+    paths are equally long.
+    """
+    above_a, above_b = _ancestors(a), _ancestors(b)
+    common = above_a.keys() & above_b.keys()
+    if common:
+        start = max(common, key=lambda name: (depth.get(name, 0), name))
+        length_a = _longest_path(start, a, above_a, depth)
+        length_b = _longest_path(start, b, above_b, depth)
+    else:
+        length_a, length_b = depth.get(a.name, 0), depth.get(b.name, 0)
+    if length_a == length_b:
+        return None
+    return a if length_a > length_b else b
+
+
+def _ancestors(tensor: gs.Tensor) -> dict[str, gs.Tensor]:
+    """``tensor`` and every non-constant tensor it is computed from, by name."""
+    found = {tensor.name: tensor}
+    stack = [tensor]
+    while stack:
+        current = stack.pop()
+        for producer in current.inputs:
+            for source in producer.inputs:
+                if isinstance(source, gs.Constant) or not source.name or source.name in found:
+                    continue
+                found[source.name] = source
+                stack.append(source)
+    return found
+
+
+def _longest_path(
+    start: str, end: gs.Tensor, above: Mapping[str, gs.Tensor], depth: Mapping[str, int]
+) -> int:
+    """Nodes on the longest path from tensor ``start`` to ``end`` (``above``: end's ancestors)."""
+    length = {start: 0}
+    for name in sorted(above, key=lambda n: depth.get(n, 0)):
+        tensor = above[name]
+        if name == start or not tensor.inputs:
+            continue
+        reached = [length[t.name] for t in tensor.inputs[0].inputs if t.name in length]
+        if reached:
+            length[name] = max(reached) + 1
+    return length.get(end.name, 0)
+
+
+def _depths(graph: gs.Graph) -> dict[str, int]:
+    """Longest path (in nodes) from the graph inputs to every tensor: a topological rank."""
+    depth: dict[str, int] = {}
+    for node in graph.nodes:
+        stack = [(out, False) for out in node.outputs]
+        while stack:
+            tensor, sources_done = stack.pop()
+            if tensor.name in depth:
+                continue
+            producer = tensor.inputs[0] if tensor.inputs else None
+            sources = [] if producer is None else _variables(producer.inputs)
+            if sources_done or not sources:
+                depth[tensor.name] = (producer is not None) + max(
+                    (depth.get(t.name, 0) for t in sources), default=0
+                )
+            else:
+                stack.append((tensor, True))
+                stack.extend((t, False) for t in sources if t.name not in depth)
+    return depth
+
+
+def _variables(tensors: list[gs.Tensor]) -> list[gs.Tensor]:
+    return [t for t in tensors if not isinstance(t, gs.Constant) and t.name]
 
 
 def _pooling_inputs(graph: gs.Graph, quantized: set[str]) -> dict[str, Fusion]:
@@ -347,35 +548,52 @@ def _feeds_only_quantized(tensor: gs.Tensor, quantized: set[str], graph: gs.Grap
 
 
 def insert(
-    graph: gs.Graph, plan: QuantPlan, ranges: Mapping[str, TensorRange], precision: str = "int8"
-) -> gs.Graph:
-    """Insert the planned Q/DQ pairs and weight DequantizeLinear nodes into ``graph``."""
-    tensors = graph.tensors()
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    ranges: Mapping[str, TensorRange],
+    precision: str = "int8",
+    *,
+    scale_dtype: np.dtype | type | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` with the planned Q/DQ pairs and weight DequantizeLinear nodes.
+
+    Every name is allocated by :class:`~trtq.graph.edit.GraphEditor`. ``scale_dtype`` is
+    the type the scales will finally be stored in when it is narrower than the tensors'
+    (FP16 when :func:`trtq.graph.fp16.convert` runs next): every scale is then chosen
+    among that type's normal numbers, and weights are quantized with the scale as stored,
+    so converting the scales later changes no value.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    editor = GraphEditor(result)
     dequantized = {
-        name: _quantize_activation(graph, tensors[name], ranges[name], precision)
+        name: _quantize_activation(editor, name, ranges[name], precision, scale_dtype)
         for name in plan.activations()
     }
-    weights: dict[tuple[str, int | None], gs.Variable] = {}
-    nodes = {n.name: n for n in graph.nodes}
+    weights: dict[tuple[str, int | None], str] = {}
+    nodes = {n.name: n for n in result.graph.node}
     for d in plan.decisions:
         if not d.quantized:
             continue
         node = nodes[d.name]
-        _rewire(node, tensors[d.activation], dequantized[d.activation])
+        editor.replace_input(node, d.activation, dequantized[d.activation])
         key = (d.weight, d.weight_axis)
         if key not in weights:
-            weights[key] = _quantize_weight(graph, tensors[d.weight], d.weight_axis, precision)
-        _rewire(node, tensors[d.weight], weights[key])
+            weights[key] = _quantize_weight(editor, d.weight, d.weight_axis, precision, scale_dtype)
+        editor.replace_input(node, d.weight, weights[key])
     for name, use in plan.fusion_tensors.items():
         for consumer in use.consumers:
-            _rewire(nodes[consumer], tensors[name], dequantized[name])
-    return graph.cleanup().toposort()
+            editor.replace_input(nodes[consumer], name, dequantized[name])
+    return editor.finish()
 
 
-def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    for index, tensor in enumerate(node.inputs):
-        if tensor is old:
-            node.inputs[index] = new
+def _scale(
+    raw: np.ndarray | float, dtype: np.dtype, narrowest: np.dtype | type | None
+) -> np.ndarray:
+    """``raw`` as a scale stored in ``dtype`` and exactly representable in ``narrowest`` too."""
+    if narrowest is not None:
+        raw = representable_scale(raw, narrowest)
+    return representable_scale(raw, dtype)
 
 
 def _zero_point(precision: str, shape: tuple[int, ...] = ()) -> np.ndarray:
@@ -384,66 +602,44 @@ def _zero_point(precision: str, shape: tuple[int, ...] = ()) -> np.ndarray:
 
 
 def _quantize_activation(
-    graph: gs.Graph, tensor: gs.Variable, found: TensorRange, precision: str
-) -> gs.Variable:
+    editor: GraphEditor,
+    tensor: str,
+    found: TensorRange,
+    precision: str,
+    scale_dtype: np.dtype | type | None,
+) -> str:
     """Add Q -> DQ after ``tensor``; return the DQ output for quantized consumers to read."""
-    dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
-    scale = gs.Constant(f"{tensor.name}_scale", np.array(found.amax / QMAX[precision], dtype))
-    zero = gs.Constant(f"{tensor.name}_zero_point", _zero_point(precision))
-    quantized = gs.Variable(f"{tensor.name}_quantized", dtype=zero.values.dtype, shape=tensor.shape)
-    output = gs.Variable(f"{tensor.name}_dequantized", dtype=dtype, shape=tensor.shape)
-    graph.nodes.append(
-        gs.Node(
-            "QuantizeLinear",
-            f"{tensor.name}_QuantizeLinear",
-            inputs=[tensor, scale, zero],
-            outputs=[quantized],
-        )
-    )
-    graph.nodes.append(
-        gs.Node(
-            "DequantizeLinear",
-            f"{tensor.name}_DequantizeLinear",
-            inputs=[quantized, scale, zero],
-            outputs=[output],
-        )
-    )
-    return output
+    dtype = numpy_dtype(editor.elem_type(tensor) or onnx.TensorProto.FLOAT)
+    scale = _scale(found.amax / QMAX[precision], dtype, scale_dtype)
+    return editor.quantize_dequantize(tensor, scale, _zero_point(precision))
 
 
 def _quantize_weight(
-    graph: gs.Graph, weight: gs.Constant, axis: int | None, precision: str
-) -> gs.Variable:
+    editor: GraphEditor,
+    weight: str,
+    axis: int | None,
+    precision: str,
+    scale_dtype: np.dtype | type | None,
+) -> str:
     """Store the weight in int8/fp8 with per-channel scales, behind a DequantizeLinear."""
-    dtype = weight.values.dtype
-    values = weight.values.astype(np.float32)
-    amax = weight_amax(values, axis)
-    scale = np.asarray(amax / QMAX[precision], dtype=dtype)
+    original = editor.initializer(weight)
+    if original is None:
+        raise ValueError(f"weight {weight} is not an initializer (normalize the model first)")
+    values = original.astype(np.float32)
+    qmax = QMAX[precision]
+    scale = _scale(weight_amax(values, axis) / qmax, original.dtype, scale_dtype)
     broadcast = (
         scale
         if axis is None
         else np.expand_dims(scale, [d for d in range(values.ndim) if d != axis])
     )
-    scaled = np.clip(values / broadcast, -QMAX[precision], QMAX[precision])
+    # Quantized with the scale as stored: a scale raised to a normal number re-quantizes.
+    scaled = np.clip(values / broadcast.astype(np.float32), -qmax, qmax)
     if precision == "int8":
         stored = np.rint(scaled).astype(np.int8)
     else:
         stored = scaled.astype(ml_dtypes.float8_e4m3fn)
     suffix = "" if axis is None else f"_axis{axis}"
-    q = gs.Constant(f"{weight.name}{suffix}_{precision}", stored)
-    scale_c = gs.Constant(f"{weight.name}{suffix}_scale", scale)
-    zero = gs.Constant(f"{weight.name}{suffix}_zero_point", _zero_point(precision, scale.shape))
-    output = gs.Variable(
-        f"{weight.name}{suffix}_dequantized", dtype=dtype, shape=list(values.shape)
+    return editor.dequantize_constant(
+        f"{weight}{suffix}", stored, scale, _zero_point(precision, scale.shape), axis
     )
-    attrs = {} if axis is None else {"axis": axis}
-    graph.nodes.append(
-        gs.Node(
-            "DequantizeLinear",
-            f"{weight.name}{suffix}_DequantizeLinear",
-            attrs=attrs,
-            inputs=[q, scale_c, zero],
-            outputs=[output],
-        )
-    )
-    return output

@@ -26,7 +26,9 @@ import onnxruntime as ort
 
 from trtq.calib.collect import Batch
 from trtq.calib.data import BatchSource
+from trtq.calib.data.feeds import is_whole_feed, samples_in
 from trtq.errors import DataError, UserError
+from trtq.graph.load import TensorSpec, load_model, model_inputs
 from trtq.report.metrics import Agreement, LabelAccuracy, OutputAgreement, json_number
 from trtq.sessions import open_session
 
@@ -119,6 +121,7 @@ def compare_models(
     ref_session = open_session(reference, providers)
     cand_session = open_session(candidate, providers)
     inputs, outputs = _matching_names(ref_session, cand_session)
+    declared = _declared_inputs(reference)
     if labels is not None:
         label_output = _check_label_output(outputs, label_output)
         known = batches.num_samples if isinstance(batches, BatchSource) else None
@@ -130,10 +133,11 @@ def compare_models(
         feeds = {name: batch[name] for name in inputs}
         ref_values = dict(zip(outputs, ref_session.run(outputs, feeds), strict=True))
         cand_values = dict(zip(outputs, cand_session.run(outputs, feeds), strict=True))
+        whole = is_whole_feed(feeds, declared)  # one call, one sample: outputs have no batch axis
         for name, agreement in agreements.items():
             _check_same_shape(name, ref_values[name], cand_values[name])
-            agreement.update(ref_values[name], cand_values[name])
-        count = len(next(iter(feeds.values())))
+            agreement.update(ref_values[name], cand_values[name], one_sample=whole)
+        count = samples_in(feeds, declared)
         if labels is not None:
             batch_labels = labels[samples : samples + count]
             _check_label_count(len(labels), samples + count, at_least=True)
@@ -156,21 +160,32 @@ def compare_models(
     )
 
 
+def _declared_inputs(model: ModelSource) -> list[TensorSpec]:
+    """The model's inputs as declared (whether feeds have a batch axis depends on them)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model, load_external_data=False)  # the graph alone: no weights
+    return model_inputs(model)
+
+
 def evaluate_gates(
     report: ComparisonReport,
     *,
     min_cosine: float | None = None,
+    max_rel_l2: float | None = None,
     max_drop: float | None = None,
 ) -> list[GateResult]:
     """Check the report against the thresholds that were given (None: gate not asked for).
 
-    ``min_cosine`` bounds every output's *mean* cosine from below; ``max_drop`` bounds the
-    accuracy drop in points from above and needs a report with accuracy. A NaN metric
-    (NaN or Inf in an output) fails its gate.
+    ``min_cosine`` bounds every output's *mean* cosine from below, ``max_rel_l2`` every
+    output's relative L2 error from above; ``max_drop`` bounds the accuracy drop in points
+    from above and needs a report with accuracy. A NaN metric (NaN or Inf in an output)
+    fails its gate.
     """
     gates = []
     if min_cosine is not None:
-        gates.append(_cosine_gate(report, min_cosine))
+        gates.append(cosine_gate(report.outputs, min_cosine))
+    if max_rel_l2 is not None:
+        gates.append(rel_l2_gate(report.outputs, max_rel_l2))
     if max_drop is not None:
         if report.accuracy is None:
             raise ValueError("max_drop needs a report with accuracy: compare with labels")
@@ -233,6 +248,42 @@ def labels_in_data(data: str | Path) -> np.ndarray | None:
         if DEFAULT_LABELS_KEY not in stored.files:
             return None
         return _as_labels(stored[DEFAULT_LABELS_KEY], str(path))
+
+
+def resolve_labels(
+    labels: np.ndarray | str | Path | None,
+    data: object,
+    input_names: Iterable[str],
+    limit: int | None = None,
+) -> tuple[np.ndarray | None, str | None]:
+    """The labels to score against (the first ``limit`` of them), and where they came from.
+
+    ``labels`` is an array, a ``PATH[:KEY]`` (a .npy file, or an .npz array, KEY default
+    ``labels``), or None: then the ``labels`` array of an .npz ``data`` file is used if it
+    has one, unless ``labels`` is the name of a model input (then it is data, not answers).
+    """
+    if isinstance(labels, str | Path):
+        path, key = split_labels_arg(str(labels))
+        array, source = load_labels(path, key), str(labels)
+    elif labels is not None:
+        array, source = _as_labels(np.asarray(labels), "the labels given"), "the labels given"
+    elif DEFAULT_LABELS_KEY in set(input_names) or not isinstance(data, str | Path):
+        return None, None
+    else:
+        array = labels_in_data(data)
+        if array is None:
+            return None, None
+        source = f"{data}:{DEFAULT_LABELS_KEY}"
+        log.info("using the labels in %s (pass --labels to use others)", source)
+    return (array[:limit] if limit else array), source
+
+
+def split_labels_arg(text: str) -> tuple[str, str]:
+    """``PATH[:KEY]`` -> (path, key); only an .npz path takes a key, so other colons stay."""
+    path, sep, key = text.rpartition(":")
+    if sep and path.lower().endswith(".npz") and key:
+        return path, key
+    return text, DEFAULT_LABELS_KEY
 
 
 def _as_labels(array: np.ndarray, where: str) -> np.ndarray:
@@ -325,10 +376,10 @@ def _check_logits(name: str, values: np.ndarray, samples: int) -> None:
         )
 
 
-def _cosine_gate(report: ComparisonReport, limit: float) -> GateResult:
-    # NaN sorts first so that a broken output is the one reported.
+def cosine_gate(outputs: Mapping[str, Agreement], limit: float) -> GateResult:
+    """The output with the lowest mean cosine against ``limit`` (NaN counts as lowest)."""
     name, agreement = min(
-        report.outputs.items(),
+        outputs.items(),
         key=lambda item: (not np.isnan(item[1].cosine_mean), item[1].cosine_mean),
     )
     value = agreement.cosine_mean
@@ -340,6 +391,28 @@ def _cosine_gate(report: ComparisonReport, limit: float) -> GateResult:
         value,
         passed,
         f"min-cosine: output '{name}' mean cosine {value:.6f} {relation} {limit:g}",
+    )
+
+
+def rel_l2_gate(outputs: Mapping[str, Agreement], limit: float) -> GateResult:
+    """The output with the highest relative L2 error against ``limit`` (NaN counts as highest).
+
+    Relative L2 sees what cosine cannot: outputs uniformly 32x too small have cosine 1.0
+    but a relative L2 error of 0.97.
+    """
+    name, agreement = max(
+        outputs.items(),
+        key=lambda item: (np.isnan(item[1].rel_l2), item[1].rel_l2),
+    )
+    value = agreement.rel_l2
+    passed = value <= limit
+    relation = "<=" if passed else ">"
+    return GateResult(
+        "max-rel-l2",
+        limit,
+        value,
+        passed,
+        f"max-rel-l2: output '{name}' relative L2 error {value:.4g} {relation} {limit:g}",
     )
 
 

@@ -9,10 +9,17 @@ not depend on how the data was cut into batches (beyond rounding).
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from trtq.calib.histogram import Histogram
+
+#: Bins of the |candidate - reference| histogram each output keeps (a power of two): enough
+#: to see the shape of the error in the HTML report, small enough for every JSON report.
+ERROR_HISTOGRAM_BINS = 128
 
 
 def top1(logits: np.ndarray) -> np.ndarray:
@@ -62,7 +69,9 @@ class Agreement:
 
     ``rel_l2`` is ``||candidate - reference|| / ||reference||`` over the whole output;
     ``top1`` is the share of positions whose argmax over the last axis agrees, None where
-    that is not a class prediction (see :func:`top1_applies`).
+    that is not a class prediction (see :func:`top1_applies`). ``error_histogram`` holds
+    every element's ``|candidate - reference|`` (streaming, :data:`ERROR_HISTOGRAM_BINS`
+    bins): how the error is spread, which the figures above summarise.
     """
 
     samples: int
@@ -72,6 +81,7 @@ class Agreement:
     max_abs: float
     mean_abs: float
     top1: float | None
+    error_histogram: Histogram | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
         return {
@@ -82,6 +92,9 @@ class Agreement:
             "max_abs": json_number(self.max_abs),
             "mean_abs": json_number(self.mean_abs),
             "top1_agreement": None if self.top1 is None else json_number(self.top1),
+            "abs_error_histogram": None
+            if self.error_histogram is None
+            else self.error_histogram.to_json(),
         }
 
 
@@ -101,14 +114,24 @@ class OutputAgreement:
         self._top1_applies = True
         self._top1_matches = 0
         self._top1_positions = 0
+        self._errors = Histogram.empty(ERROR_HISTOGRAM_BINS)
 
-    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        """Fold in one batch of both models' values for this output (same shapes)."""
+    def update(
+        self, reference: np.ndarray, candidate: np.ndarray, *, one_sample: bool = False
+    ) -> None:
+        """Fold in one batch of both models' values for this output (same shapes).
+
+        ``one_sample``: the batch is one model call without a batch axis (a whole feed,
+        :mod:`trtq.calib.data.feeds`), so the output is one sample, whatever its dim 0.
+        """
         ref = np.asarray(reference, dtype=np.float64)
         cand = np.asarray(candidate, dtype=np.float64)
         if ref.shape != cand.shape:
             raise ValueError(f"shapes differ: reference {ref.shape}, candidate {cand.shape}")
-        cosine = per_sample_cosine(ref, cand)
+        if one_sample:
+            cosine = per_sample_cosine(ref.reshape(1, -1), cand.reshape(1, -1))
+        else:
+            cosine = per_sample_cosine(ref, cand)
         self._samples += len(cosine)
         self._cosine_sum += float(cosine.sum())
         # np.minimum/np.maximum propagate NaN, where Python's min/max depend on argument order.
@@ -119,6 +142,7 @@ class OutputAgreement:
         self._abs_sum += float(diff.sum())
         self._max_abs = float(np.maximum(self._max_abs, diff.max(initial=0.0)))
         self._elements += diff.size
+        self._errors.update(diff)
         self._update_top1(ref, cand)
 
     def _update_top1(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -139,6 +163,7 @@ class OutputAgreement:
             max_abs=self._max_abs,
             mean_abs=self._abs_sum / self._elements if self._elements else 0.0,
             top1=self._top1_matches / self._top1_positions if applies else None,
+            error_histogram=copy.deepcopy(self._errors),  # a snapshot: updates may go on
         )
 
 

@@ -364,10 +364,10 @@ def _quoted(names: Iterable[str]) -> str:
 def parse_shapes(text: str | Iterable[str] | None) -> dict[str, Shape]:
     """trtexec's shape syntax, ``"x:1x3x224x224,mask:1x128"`` -> ``{name: shape}``.
 
-    The parser is :func:`trtq.trt.builder.parse_shapes` (``trtq build`` takes the same
-    flags); it is re-exported here so runtime code does not reach into the builder.
+    The parser is :func:`trtq.trt.shapes.parse_shapes` (``trtq build`` takes the same
+    flags); it is re-exported here so runtime code does not reach into trtq.trt.
     """
-    from trtq.trt.builder import parse_shapes as parse
+    from trtq.trt.shapes import parse_shapes as parse
 
     return parse(text)
 
@@ -435,7 +435,13 @@ def random_inputs(
 
 
 def default_batch_size(inputs: Sequence[IOSpec], fallback: int) -> int | None:
-    """A batch size that fits every profile's dynamic batch dim (None: no profile limits it)."""
+    """A batch size that fits every profile's dynamic batch dim (None: no profile limits it).
+
+    None too where an input's dim 0 is fixed: that size decides, or, for a sequence next to
+    its fixed-size state, the inputs share no batch dim (each file is one call).
+    """
+    if any(spec.shape and spec.shape[0] >= 0 for spec in inputs):
+        return None
     limits = [
         spec.profile[2][0]
         for spec in inputs

@@ -1,31 +1,24 @@
 """The TensorRT backend: :class:`~trtq.runtime.base.Engine` on a deserialized ``.engine`` file.
 
-``trtq.load("model.engine")`` lands here. Loading is where engines fail in practice, so
-it is checked step by step, each failure one line:
+``trtq.load("model.engine")`` lands here. Loading (the plan, its sidecar, plugins, the
+GPU) is :mod:`trtq.runtime.engine_loading`; this module runs the engine.
 
-1. the sidecar (``model.engine.json``, written by ``trtq build``) says which TensorRT
-   version and GPU built the engine; a plan only deserializes on the same TensorRT
-   (major.minor.patch; a later one of the same major for ``--version-compatible``
-   engines) and the same compute capability (any Ampere or later GPU for
-   ``--hardware-compatibility`` engines). A mismatch is refused before TensorRT sees
-   the plan, naming both sides, instead of TensorRT's multi-line serialization log;
-2. plugin libraries named in the sidecar's build options, plus ``plugins=``, are
-   registered first: deserializing an engine whose plugin is missing fails;
-3. ``deserialize_cuda_engine`` returning None is one line too.
-
-Running: every thread that calls the engine gets its own TensorRT execution context
-and CUDA stream (an execution context is not thread-safe), with device buffers per
+Running: every call borrows a TensorRT execution context with its CUDA stream (an
+execution context is not thread-safe) from a bounded pool (:mod:`trtq.runtime.pool`):
+at most ``max_contexts`` exist, made on demand, and a call returns its context when it
+ends, so threads that come and go hold nothing; callers beyond the pool wait for a
+context. Every execution context holds the engine's activation memory, which is why
+the pool is bounded (by default by the GPU's free memory, see :func:`pool_size`).
+Each context keeps its buffers (:mod:`trtq.runtime.buffers`): device buffers per
 tensor allocated on first use and grown only when a larger shape arrives, and pinned
-host buffers to stage inputs and outputs (asynchronous copies need page-locked
-memory; pageable copies also run at a third of the speed). A call copies inputs in,
-enqueues the engine, copies outputs out, all on the context's stream, synchronizes
-once and returns numpy copies. CUDA arrays (CuPy, PyTorch, pycuda GPUArray: anything
-with ``__cuda_array_interface__``) are not copied: their pointer is handed to TensorRT.
+host buffers to stage inputs and outputs. A call copies inputs in, enqueues the engine,
+copies outputs out, all on the context's stream, synchronizes once and returns numpy
+copies. CUDA arrays (CuPy, PyTorch, pycuda GPUArray) are not copied: their pointer is
+handed to TensorRT.
 
-Every execution context holds the engine's activation memory, so a server with many
-threads holds that many copies. :meth:`TensorRTEngine.context` hands out contexts
-from a pool instead, for callers who schedule their own work, and
-:meth:`TensorRTEngine.infer_async` runs on a pooled context and returns a handle.
+:meth:`TensorRTEngine.context` lends a context from the same pool for a whole block,
+for callers who schedule their own work, and :meth:`TensorRTEngine.infer_async` runs
+on a pooled context and returns a handle.
 
 TensorRT and pycuda are imported when an engine is loaded, never at import time.
 Every TensorRT attribute used here is listed in :data:`trtq.trt.compat.USED_ATTRIBUTES`
@@ -35,41 +28,56 @@ and checked against NVIDIA's real 10.x and 11.x bindings by the test suite.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from trtq.errors import DataError, ModelError, UserError, require
+from trtq.errors import DataError, UserError
 from trtq.runtime.base import Engine, IOSpec, Shape, format_dims
+from trtq.runtime.buffers import ContextSlot, device_pointer, interface_shape
+from trtq.runtime.engine_loading import (
+    Gpu,
+    deserialize,
+    import_cuda_driver,
+    io_entry,
+    io_specs,
+    read_plan,
+)
+from trtq.runtime.pool import (
+    DEFAULT_CONTEXT_TIMEOUT,
+    Pool,
+    check_pool_settings,
+    default_pool_size,
+)
+from trtq.trt import create_runtime, import_tensorrt
+from trtq.trt.builder import make_logger
+from trtq.trt.compatibility import compatibility_problem, matching_sidecar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineContext", "PendingInference", "TensorRTEngine", "compatibility_problem"]
+__all__ = ["EngineContext", "PendingInference", "TensorRTEngine", "pool_size"]
 
 #: Phases :meth:`TensorRTEngine.bench_breakdown` times, in call order.
 PHASES = ("h2d", "compute", "d2h")
-#: ``__cuda_array_interface__`` stream values that need no wait: none given, or the legacy
-#: default stream (0 is not allowed by the protocol; read as legacy). Work there is
-#: ordered before anything on the blocking streams trtq creates.
-_ORDERED_STREAMS = frozenset({None, 0, 1})
-#: Oldest compute capability a hardware-compatible (AMPERE_PLUS) engine runs on.
-_AMPERE = (8, 0)
 
 
 class TensorRTEngine(Engine):
     """A serialized TensorRT engine, run on GPU ``device`` (see the module docstring).
 
-    ``plugins`` are plugin libraries to register besides those the sidecar names.
-    ``trt`` and ``driver`` replace the ``tensorrt`` module and ``pycuda.driver`` (tests
-    run the whole backend on stand-ins); by default both are imported here.
+    ``plugins`` are the plugin libraries (``.so``) and Python plugin modules (``.py``) to
+    register before deserializing; ``allow_host_code`` lets a version-compatible engine
+    run the lean runtime embedded in it. Only these arguments decide what code runs,
+    never the sidecar. ``max_contexts`` bounds the execution contexts (None: see
+    :func:`pool_size`); a call that finds them all busy waits up to ``context_timeout``
+    seconds (None: no limit). ``trt`` and ``driver`` replace the ``tensorrt`` module and
+    ``pycuda.driver`` (tests run the whole backend on stand-ins); by default both are
+    imported here.
     """
 
     backend = "tensorrt"
@@ -81,25 +89,34 @@ class TensorRTEngine(Engine):
         *,
         device: int = 0,
         plugins: Sequence[str | Path] | None = None,
+        allow_host_code: bool = False,
+        max_contexts: int | None = None,
+        context_timeout: float | None = DEFAULT_CONTEXT_TIMEOUT,
         trt: ModuleType | None = None,
         driver: Any = None,
     ) -> None:
-        from trtq.trt import create_runtime, import_tensorrt
-        from trtq.trt.builder import make_logger
-
         path = Path(path)
+        if not isinstance(allow_host_code, bool):  # "no" must not read as yes
+            raise UserError(
+                f"allow_host_code must be True or False, not {allow_host_code!r}",
+                "pass allow_host_code=True only for engines you trust",
+            )
+        check_pool_settings(max_contexts, context_timeout)
         trt = trt if trt is not None else import_tensorrt()
-        plan = _read_plan(path)
-        sidecar = _matching_sidecar(path, plan)
+        plan = read_plan(path)
+        sidecar = matching_sidecar(path, plan)
         logger = make_logger(trt)
         runtime = create_runtime(trt, logger)  # "no usable TensorRT/GPU" fails here
-        gpu = _Gpu.open(driver if driver is not None else import_cuda_driver(), device)
+        gpu = Gpu.open(driver if driver is not None else import_cuda_driver(), device)
         self.tensorrt_version = str(getattr(trt, "__version__", "?"))
         problem = compatibility_problem(sidecar, self.tensorrt_version, gpu.info())
         if problem:
             raise UserError(f"{path.name} was {problem}", "rebuild it here with trtq build")
         with gpu.current():
-            engine = _deserialize(trt, logger, runtime, plan, path, sidecar, plugins)
+            engine = deserialize(
+                trt, logger, runtime, plan, path, sidecar, plugins, allow_host_code=allow_host_code
+            )
+            size = max_contexts or pool_size(engine, gpu.driver)
         inputs, outputs = io_specs(trt, engine, path.name)
         super().__init__(path, inputs, outputs)
         self.device = device
@@ -108,18 +125,23 @@ class TensorRTEngine(Engine):
         self._runtime, self._engine = runtime, engine
         self._gpu = gpu
         self._driver = gpu.driver
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._slots: list[_Slot] = []  # every context made, for close()
-        self._pool: list[_Slot] = []  # contexts free for context() and infer_async()
-        self._closed = False
+        self._create_lock = threading.Lock()  # creating contexts concurrently: not documented
+        self._pool: Pool[ContextSlot] = Pool(self._new_slot, size, context_timeout, path.name)
 
     # --- the Engine interface ------------------------------------------------------------
 
+    @property
+    def max_contexts(self) -> int:
+        """The most execution contexts this engine makes (each holds its activation memory)."""
+        return self._pool.size
+
     def _run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         with self._gpu.current():
-            slot = self._thread_slot()
-            return self._run_on(slot, feeds, slot.stream)
+            slot = self._pool.acquire()
+            try:
+                return self._run_on(slot, feeds, slot.stream)
+            finally:  # the stream is idle: _run_on synchronized it, or drained it on error
+                self._pool.release(slot)
 
     def info(self) -> dict[str, Any]:
         """Backend, TensorRT version and GPU running the engine, its I/O, and its sidecar."""
@@ -129,11 +151,12 @@ class TensorRTEngine(Engine):
             "tensorrt_version": self.tensorrt_version,
             "gpu": {"device": self.device, **self._gpu.info()},
             "io": [
-                _io_entry(spec, mode)
+                io_entry(spec, mode)
                 for mode, specs in (("input", self.inputs), ("output", self.outputs))
                 for spec in specs
             ],
             "built": built,
+            "contexts": {"max": self._pool.size, "created": self._pool.created},
         }
 
     def bench_breakdown(self, feeds: Mapping[str, Any], iterations: int) -> dict[str, float]:
@@ -147,7 +170,7 @@ class TensorRTEngine(Engine):
         count = max(int(iterations), 1)
         totals = [0.0] * len(PHASES)
         with self._gpu.current():
-            slot = self._acquire()
+            slot = self._pool.acquire()
             try:
                 self._run_on(slot, checked, slot.stream)
                 marks = [self._driver.Event() for _ in range(len(PHASES) + 1)]
@@ -162,12 +185,9 @@ class TensorRTEngine(Engine):
 
     def close(self) -> None:
         """Free every context, buffer and the engine. Call when no call is running."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            slots, self._slots, self._pool = self._slots, [], []
-        self._local = threading.local()
+        slots = self._pool.close()  # callers still waiting for a context get an error
+        if self._engine is None:
+            return
         with self._gpu.current():  # TensorRT and pycuda free device memory in this context
             for slot in slots:
                 slot.free()
@@ -182,9 +202,11 @@ class TensorRTEngine(Engine):
 
         For callers who manage their own threads or streams: one ``EngineContext`` per
         concurrent worker, each with its own buffers and stream. Not thread-safe itself.
+        It counts against ``max_contexts`` for the whole block, and waits for a free
+        context like any call.
         """
         with self._gpu.current():
-            slot = self._acquire()
+            slot = self._pool.acquire()
         lease = EngineContext(self, slot)
         try:
             yield lease
@@ -201,7 +223,7 @@ class TensorRTEngine(Engine):
         """
         feeds = self._check(inputs)
         with self._gpu.current():
-            slot = self._acquire()
+            slot = self._pool.acquire()
             try:
                 return self._start(slot, feeds, stream, release=True)
             except BaseException:
@@ -215,50 +237,36 @@ class TensorRTEngine(Engine):
 
     # --- slots: one execution context with its stream and buffers ------------------------
 
-    def _thread_slot(self) -> _Slot:
-        slot = getattr(self._local, "slot", None)
-        if slot is None:
-            slot = self._local.slot = self._new_slot()
-        return slot
-
-    def _acquire(self) -> _Slot:
-        with self._lock:
-            slot = self._pool.pop() if self._pool else None
-        return slot if slot is not None else self._new_slot()
-
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: ContextSlot) -> None:
         """Back to the pool once its stream is idle (a later user must not race it)."""
         with self._gpu.current():
             slot.stream.synchronize()
-        with self._lock:
-            if not self._closed:
-                self._pool.append(slot)
+        self._pool.release(slot)
 
-    def _new_slot(self) -> _Slot:
+    def _new_slot(self) -> ContextSlot:
         """A new execution context and stream (the CUDA context must be current)."""
-        with self._lock:  # creating contexts concurrently is not documented as safe
-            if self._closed:
-                raise UserError("this engine was closed", "load the engine again")
+        with self._create_lock:
             context = self._engine.create_execution_context()
             if context is None:
                 raise UserError(
                     f"TensorRT could not create an execution context for {self.path.name} "
                     "(see the log above; most often the GPU is out of memory)",
-                    "free GPU memory, or use fewer threads or engine.context() to share contexts",
+                    "free GPU memory, or allow fewer contexts: trtq.load(..., max_contexts=N), "
+                    "--max-contexts N",
                 )
-            slot = _Slot(context, self._driver.Stream(), self._driver)
-            self._slots.append(slot)
-        return slot
+            return ContextSlot(context, self._driver.Stream(), self._driver)
 
     # --- one call ------------------------------------------------------------------------
 
-    def _run_on(self, slot: _Slot, feeds: Mapping[str, Any], stream: Any) -> dict[str, np.ndarray]:
+    def _run_on(
+        self, slot: ContextSlot, feeds: Mapping[str, Any], stream: Any
+    ) -> dict[str, np.ndarray]:
         views = self._enqueue(slot, feeds, stream)
         stream.synchronize()
         return {name: view.copy() for name, view in views.items()}
 
     def _start(
-        self, slot: _Slot, feeds: Mapping[str, Any], stream: Any, *, release: bool
+        self, slot: ContextSlot, feeds: Mapping[str, Any], stream: Any, *, release: bool
     ) -> PendingInference:
         stream = _pycuda_stream(stream, slot)
         views = self._enqueue(slot, feeds, stream)
@@ -269,7 +277,7 @@ class TensorRTEngine(Engine):
         return pending
 
     def _enqueue(
-        self, slot: _Slot, feeds: Mapping[str, Any], stream: Any, marks: Sequence[Any] = ()
+        self, slot: ContextSlot, feeds: Mapping[str, Any], stream: Any, marks: Sequence[Any] = ()
     ) -> dict[str, np.ndarray]:
         """Queue copies in, the engine and copies out on ``stream``; pinned views to read.
 
@@ -299,12 +307,12 @@ class TensorRTEngine(Engine):
             raise
         return views
 
-    def _bind_input(self, slot: _Slot, spec: IOSpec, value: Any, stream: Any) -> None:
+    def _bind_input(self, slot: ContextSlot, spec: IOSpec, value: Any, stream: Any) -> None:
         if type(value) is np.ndarray:
             address = self._send(slot, spec.name, value, stream)
         else:
             address = device_pointer(spec.name, value, stream, self._driver)
-        shape = tuple(value.shape) if type(value) is np.ndarray else _interface_shape(value)
+        shape = tuple(value.shape) if type(value) is np.ndarray else interface_shape(value)
         if slot.shapes.get(spec.name) != shape:
             if not slot.context.set_input_shape(spec.name, shape):
                 slot.shapes.pop(spec.name, None)
@@ -316,7 +324,7 @@ class TensorRTEngine(Engine):
             slot.shapes[spec.name] = shape
         slot.context.set_tensor_address(spec.name, address)
 
-    def _send(self, slot: _Slot, name: str, array: np.ndarray, stream: Any) -> int:
+    def _send(self, slot: ContextSlot, name: str, array: np.ndarray, stream: Any) -> int:
         """Stage ``array`` in pinned memory and queue its copy; the device address."""
         device = slot.device(name, array.nbytes)
         if array.nbytes:
@@ -325,7 +333,7 @@ class TensorRTEngine(Engine):
             self._driver.memcpy_htod_async(device, staged, stream)
         return int(device)
 
-    def _bind_output(self, slot: _Slot, spec: IOSpec) -> Shape:
+    def _bind_output(self, slot: ContextSlot, spec: IOSpec) -> Shape:
         shape = tuple(int(d) for d in slot.context.get_tensor_shape(spec.name))
         if any(d < 0 for d in shape):
             raise UserError(
@@ -338,7 +346,7 @@ class TensorRTEngine(Engine):
         slot.context.set_tensor_address(spec.name, int(slot.device(spec.name, nbytes)))
         return shape
 
-    def _fetch(self, slot: _Slot, spec: IOSpec, shape: Shape, stream: Any) -> np.ndarray:
+    def _fetch(self, slot: ContextSlot, spec: IOSpec, shape: Shape, stream: Any) -> np.ndarray:
         nbytes = math.prod(shape) * spec.dtype.itemsize
         view = slot.host(spec.name, nbytes, spec.dtype, shape)
         if nbytes:
@@ -353,9 +361,9 @@ class EngineContext:
     :class:`PendingInference`; one call at a time (wait for a pending one first).
     """
 
-    def __init__(self, engine: TensorRTEngine, slot: _Slot) -> None:
+    def __init__(self, engine: TensorRTEngine, slot: ContextSlot) -> None:
         self._engine = engine
-        self._slot: _Slot | None = slot
+        self._slot: ContextSlot | None = slot
 
     @property
     def execution_context(self) -> Any:
@@ -383,7 +391,7 @@ class EngineContext:
         with self._engine._gpu.current():
             return self._engine._start(slot, feeds, stream, release=False)
 
-    def _active(self) -> _Slot:
+    def _active(self) -> ContextSlot:
         if self._slot is None:
             raise UserError(
                 "this execution context was returned to the pool (its `with` block ended)",
@@ -391,7 +399,7 @@ class EngineContext:
             )
         return self._slot
 
-    def _idle(self) -> _Slot:
+    def _idle(self) -> ContextSlot:
         slot = self._active()
         if slot.pending is not None:
             raise UserError(
@@ -412,7 +420,7 @@ class PendingInference:
     def __init__(
         self,
         engine: TensorRTEngine,
-        slot: _Slot,
+        slot: ContextSlot,
         views: dict[str, np.ndarray],
         done: Any,
         feeds: Mapping[str, Any],
@@ -448,51 +456,15 @@ class PendingInference:
                 self._engine._release(self._slot)
 
 
-# --- per-context state ---------------------------------------------------------------------
+def pool_size(engine: Any, driver: Any) -> int:
+    """The default ``max_contexts``: how many contexts half the GPU's free memory holds.
 
-
-@dataclass
-class _Slot:
-    """An execution context, its stream, and its buffers: device and pinned, per tensor.
-
-    Buffers are allocated on first use and replaced only by larger ones, so steady
-    traffic allocates nothing. Replacing is safe: a slot's stream is idle between calls.
+    Each context holds the engine's activation memory (``device_memory_size_v2``); the
+    free memory is read when the engine loads (the CUDA context must be current). At
+    least 1, at most :data:`~trtq.runtime.pool.MAX_DEFAULT_CONTEXTS`.
     """
-
-    context: Any
-    stream: Any
-    driver: Any
-    devices: dict[str, tuple[Any, int]] = field(default_factory=dict)
-    pinned: dict[str, np.ndarray] = field(default_factory=dict)
-    #: Input shapes last set on the context (``set_input_shape`` only when they change).
-    shapes: dict[str, Shape] = field(default_factory=dict)
-    pending: PendingInference | None = None
-
-    def device(self, name: str, nbytes: int) -> Any:
-        """A device allocation of at least ``nbytes`` for tensor ``name``."""
-        current = self.devices.get(name)
-        if current is not None and current[1] >= nbytes:
-            return current[0]
-        if current is not None:
-            current[0].free()
-        allocation = self.driver.mem_alloc(max(nbytes, 1))
-        self.devices[name] = (allocation, nbytes)
-        return allocation
-
-    def host(self, name: str, nbytes: int, dtype: np.dtype, shape: Shape) -> np.ndarray:
-        """A pinned array of ``shape`` and ``dtype`` for tensor ``name`` (its first bytes)."""
-        buffer = self.pinned.get(name)
-        if buffer is None or buffer.size < nbytes:
-            buffer = self.pinned[name] = self.driver.pagelocked_empty(max(nbytes, 1), np.uint8)
-        return buffer[:nbytes].view(dtype).reshape(shape)
-
-    def free(self) -> None:
-        self.stream.synchronize()
-        for allocation, _ in self.devices.values():
-            allocation.free()
-        self.devices.clear()
-        self.pinned.clear()
-        self.context = None  # TensorRT frees the context's memory now, in the caller's context
+    free, _total = driver.mem_get_info()
+    return default_pool_size(int(engine.device_memory_size_v2), int(free))
 
 
 def _record(marks: Sequence[Any], index: int, stream: Any) -> None:
@@ -500,57 +472,7 @@ def _record(marks: Sequence[Any], index: int, stream: Any) -> None:
         marks[index].record(stream)
 
 
-# --- device arrays -------------------------------------------------------------------------
-
-
-def device_pointer(name: str, value: Any, stream: Any, driver: Any) -> int:
-    """The address of a CUDA array, checked to be contiguous and ready for ``stream``.
-
-    Producers that name a stream other than the legacy default one in their
-    ``__cuda_array_interface__`` may still be writing the array: the device is
-    synchronized then (pycuda cannot wait on another library's stream handle).
-    """
-    interface = getattr(value, "__cuda_array_interface__", None)
-    kind = type(value).__name__
-    if interface is None:
-        raise DataError(
-            f"input '{name}': the {kind} is a device array without __cuda_array_interface__",
-            "pass a CuPy array, a PyTorch CUDA tensor, a pycuda GPUArray or a numpy array",
-        )
-    if interface.get("mask") is not None:
-        raise DataError(f"input '{name}': masked device arrays are not supported", "drop the mask")
-    shape = tuple(interface["shape"])
-    itemsize = np.dtype(interface["typestr"]).itemsize
-    strides = interface.get("strides")
-    if strides is not None and not _c_contiguous(shape, tuple(strides), itemsize):
-        raise DataError(
-            f"input '{name}': the {kind} is not contiguous (shape {format_dims(shape)}, "
-            f"strides {tuple(strides)}); TensorRT reads dense row-major memory",
-            "pass a contiguous one: x.contiguous() (PyTorch), cupy.ascontiguousarray(x)",
-        )
-    producer = interface.get("stream")
-    if producer not in _ORDERED_STREAMS and producer != getattr(stream, "handle", None):
-        driver.Context.synchronize()
-    return int(interface["data"][0])
-
-
-def _interface_shape(value: Any) -> Shape:
-    return tuple(int(d) for d in value.__cuda_array_interface__["shape"])
-
-
-def _c_contiguous(shape: Shape, strides: tuple[int, ...], itemsize: int) -> bool:
-    """Row-major dense: strides of dims longer than 1 match C order (empty arrays qualify)."""
-    if 0 in shape:
-        return True
-    expected = itemsize
-    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
-        if size > 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _pycuda_stream(stream: Any, slot: _Slot) -> Any:
+def _pycuda_stream(stream: Any, slot: ContextSlot) -> Any:
     if stream is None:
         return slot.stream
     if isinstance(getattr(stream, "handle", None), int):
@@ -559,268 +481,3 @@ def _pycuda_stream(stream: Any, slot: _Slot) -> Any:
         f"infer_async takes a pycuda.driver.Stream (got {type(stream).__name__})",
         "pass a pycuda stream, or None to use the execution context's own stream",
     )
-
-
-# --- loading -------------------------------------------------------------------------------
-
-
-def import_cuda_driver() -> Any:
-    """``pycuda.driver``, initialised; one line naming the extra when missing or broken."""
-    driver = require("pycuda.driver", "gpu", "running TensorRT engines")
-    try:
-        driver.init()
-    except Exception as exc:  # pycuda's own error types (no driver, no device)
-        raise UserError(
-            f"no usable TensorRT/GPU: CUDA could not start ({_one_line(exc)})",
-            "check that an NVIDIA GPU is visible (nvidia-smi)",
-        ) from exc
-    return driver
-
-
-@dataclass
-class _Gpu:
-    """A GPU and its primary context (the one TensorRT, CuPy and PyTorch use too)."""
-
-    driver: Any
-    ordinal: int
-    name: str
-    capability: tuple[int, int]
-    primary: Any
-
-    @classmethod
-    def open(cls, driver: Any, ordinal: int) -> _Gpu:
-        count = driver.Device.count()
-        if not 0 <= ordinal < count:
-            raise UserError(
-                f"no CUDA device {ordinal} (this machine has {count})",
-                f"pick one of 0..{count - 1} with --device" if count else "run on a GPU machine",
-            )
-        device = driver.Device(ordinal)
-        major, minor = device.compute_capability()
-        return cls(driver, ordinal, device.name(), (major, minor), device.retain_primary_context())
-
-    def info(self) -> dict[str, str]:
-        return {"name": self.name, "compute_capability": "{}.{}".format(*self.capability)}
-
-    @contextlib.contextmanager
-    def current(self) -> Iterator[None]:
-        """This GPU's context current on the calling thread for the block (any thread)."""
-        self.primary.push()
-        try:
-            yield
-        finally:
-            self.driver.Context.pop()
-
-
-def _read_plan(path: Path) -> bytes:
-    try:
-        plan = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"engine file not found: {path}", "check the path") from None
-    except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror}", "check the file") from exc
-    if not plan:
-        raise ModelError(f"{path} is empty", "rebuild it with trtq build")
-    return plan
-
-
-def _matching_sidecar(path: Path, plan: bytes) -> dict[str, Any] | None:
-    """The engine's sidecar, or None if absent, unreadable or about another engine.
-
-    The sidecar only improves messages and finds plugins; TensorRT itself still
-    refuses an incompatible plan, so a bad sidecar is a warning, not an error.
-    """
-    from trtq.trt.sidecar import read_sidecar, sidecar_path
-
-    try:
-        sidecar = read_sidecar(path)
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", sidecar_path(path), _one_line(exc))
-        return None
-    if sidecar is None:
-        return None
-    if not isinstance(sidecar, dict):
-        log.warning("ignoring %s: not a trtq engine sidecar", sidecar_path(path))
-        return None
-    recorded = sidecar.get("engine_sha256")
-    if recorded and recorded != hashlib.sha256(plan).hexdigest():
-        log.warning(
-            "ignoring %s: it describes another engine (engine_sha256 differs)", sidecar_path(path)
-        )
-        return None
-    return sidecar
-
-
-def compatibility_problem(
-    sidecar: Mapping[str, Any] | None, tensorrt_version: str, gpu: Mapping[str, Any]
-) -> str | None:
-    """Why this TensorRT and GPU cannot run an engine with ``sidecar``; None if they can.
-
-    Unknown facts (no sidecar, no GPU recorded) are not held against the engine.
-    """
-    if not sidecar:
-        return None
-    options = sidecar.get("build_options") or {}
-    built = str(sidecar.get("tensorrt_version") or "")
-    built_gpu = sidecar.get("gpu") or {}
-    built_cc = built_gpu.get("compute_capability")
-    version_ok = _version_fits(built, tensorrt_version, bool(options.get("version_compatible")))
-    gpu_ok = _capability_fits(
-        built_cc, gpu.get("compute_capability"), bool(options.get("hardware_compatibility"))
-    )
-    if version_ok and gpu_ok:
-        return None
-    built_name = f" ({built_gpu['name']})" if built_gpu.get("name") else ""
-    return (
-        f"built by TensorRT {_short(built) or '?'} for compute capability {built_cc or '?'}"
-        f"{built_name}; this is TensorRT {_short(tensorrt_version)} on "
-        f"{gpu.get('compute_capability')} ({gpu.get('name')})"
-    )
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:3]:
-        if not part.isdigit():
-            break
-        parts.append(int(part))
-    return tuple(parts)
-
-
-def _short(version: str) -> str:
-    return ".".join(map(str, _version_key(version)))
-
-
-def _version_fits(built: str, installed: str, version_compatible: bool) -> bool:
-    """Same major.minor.patch; or, for version-compatible engines, a later same-major one."""
-    have, want = _version_key(installed), _version_key(built)
-    if not want or not have:
-        return True
-    if version_compatible:
-        return have[0] == want[0] and have >= want
-    return have == want
-
-
-def _capability_fits(built: str | None, current: str | None, hardware_compatible: bool) -> bool:
-    if not built or not current:
-        return True
-    have, want = _capability(current), _capability(built)
-    if have is None or want is None:
-        return True
-    return have >= _AMPERE if hardware_compatible else have == want
-
-
-def _capability(text: str) -> tuple[int, int] | None:
-    major, _, minor = str(text).partition(".")
-    return (int(major), int(minor or 0)) if major.isdigit() and (minor or "0").isdigit() else None
-
-
-def _deserialize(
-    trt: ModuleType,
-    logger: Any,
-    runtime: Any,
-    plan: bytes,
-    path: Path,
-    sidecar: Mapping[str, Any] | None,
-    plugins: Sequence[str | Path] | None,
-) -> Any:
-    """Plugins first, then the plan (the CUDA context must be current)."""
-    from trtq.trt.builder import load_plugins
-
-    load_plugins(trt, logger, plugin_libraries(path, sidecar, plugins))
-    if ((sidecar or {}).get("build_options") or {}).get("version_compatible"):
-        # A version-compatible plan carries its own lean runtime: TensorRT runs that
-        # host code only when told to, and only for engines built to need it.
-        runtime.engine_host_code_allowed = True
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise ModelError(
-            f"TensorRT {getattr(trt, '__version__', '?')} could not deserialize {path.name} "
-            "(see the log above)",
-            "an engine loads only with the TensorRT version, GPU type and plugins that built "
-            "it: rebuild it here with trtq build, or pass its plugins with --plugins",
-        )
-    return engine
-
-
-def plugin_libraries(
-    path: Path, sidecar: Mapping[str, Any] | None, plugins: Sequence[str | Path] | None
-) -> list[Path]:
-    """The sidecar's plugin libraries, then ``plugins``, each once.
-
-    A recorded library is looked for where it was at build time, then next to the
-    engine; one with the same file name among ``plugins`` stands in for it.
-    """
-    given = [Path(p) for p in plugins or []]
-    given_names = {p.name for p in given}
-    recorded = ((sidecar or {}).get("build_options") or {}).get("plugins") or []
-    found: list[Path] = []
-    for entry in map(Path, recorded):
-        if entry.name in given_names:
-            continue
-        beside = path.parent / entry.name
-        if not entry.is_file() and not beside.is_file():
-            raise UserError(
-                f"{path.name} was built with plugin library {entry}, which is not here",
-                "pass its location with --plugins (plugins=[...])",
-            )
-        found.append(entry if entry.is_file() else beside)
-    unique: dict[Path, Path] = {}
-    for library in [*found, *given]:
-        unique.setdefault(library.resolve(), library)
-    return list(unique.values())
-
-
-def io_specs(trt: ModuleType, engine: Any, model: str) -> tuple[list[IOSpec], list[IOSpec]]:
-    """Inputs and outputs as the engine reports them (profile 0 for dynamic inputs)."""
-    inputs, outputs = [], []
-    for index in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(index)
-        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        if engine.get_tensor_location(name) == trt.TensorLocation.HOST:
-            raise ModelError(
-                f"'{name}' of {model} is a shape tensor kept in host memory, which trtq's "
-                "runtime does not support",
-                "export the model so that shapes are computed inside the graph",
-            )
-        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
-        dtype = _numpy_dtype(trt, engine.get_tensor_dtype(name), name, model)
-        profile = None
-        if is_input:
-            profile = _profile(engine, name) if any(d < 0 for d in shape) else (shape,) * 3
-        (inputs if is_input else outputs).append(IOSpec(name, dtype, shape, profile))
-    return inputs, outputs
-
-
-def _io_entry(spec: IOSpec, mode: str) -> dict[str, Any]:
-    """One tensor as the sidecar records it (-1 for dynamic dims), for :meth:`info`."""
-    entry: dict[str, Any] = {
-        "name": spec.name,
-        "mode": mode,
-        "dtype": str(spec.dtype),
-        "shape": list(spec.shape),
-    }
-    if spec.profile is not None:
-        entry["profile"] = dict(zip(("min", "opt", "max"), map(list, spec.profile), strict=True))
-    return entry
-
-
-def _profile(engine: Any, name: str) -> tuple[Shape, Shape, Shape]:
-    low, opt, high = engine.get_tensor_profile_shape(name, 0)
-    return tuple(map(int, low)), tuple(map(int, opt)), tuple(map(int, high))
-
-
-def _numpy_dtype(trt: ModuleType, dtype: Any, name: str, model: str) -> np.dtype:
-    try:
-        return np.dtype(trt.nptype(dtype))
-    except TypeError:
-        from trtq.trt.builder import dtype_name
-
-        raise ModelError(
-            f"'{name}' of {model} is {dtype_name(dtype)}, which numpy has no type for",
-            "rebuild with that input/output in float32, float16 or an integer type",
-        ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from trtq.errors import DataError, ModelError, UserError
+from trtq.errors import ModelError, UserError
 from trtq.runtime.base import Engine, IOSpec
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class OnnxRuntimeEngine(Engine):
     ) -> None:
         from trtq.graph.inspect import QUANTIZED_OPS
         from trtq.graph.load import load_model
-        from trtq.sessions import resolve_providers, session_options
+        from trtq.sessions import Session, resolve_providers, session_options
 
         path = Path(path)
         if plugins:
@@ -100,13 +100,8 @@ class OnnxRuntimeEngine(Engine):
             (name, {"device_id": str(device)}) if name in _DEVICE_PROVIDERS else name
             for name in chosen
         ]
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=with_options)
-        except Exception as exc:  # ONNX Runtime raises its own exception types, not exported
-            raise ModelError(
-                f"ONNX Runtime cannot load {path}: {_one_line(exc)}",
-                "check the model with `trtq inspect` and that these providers support its ops",
-            ) from exc
+        # One-line errors naming the model, for loading and for every call.
+        self._session = Session(str(path), options, with_options, name=path.name)
         # Initializers listed as graph inputs (old exporters) have defaults: not required.
         inputs = [_spec(arg) for arg in self._session.get_inputs() if arg.name not in weights]
         outputs = [_spec(arg) for arg in self._session.get_outputs()]
@@ -116,13 +111,7 @@ class OnnxRuntimeEngine(Engine):
 
     def _run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         names = self.output_names
-        try:
-            results = self._session_run(names, feeds)
-        except UserError:
-            raise
-        except Exception as exc:  # InvalidArgument, Fail...: ONNX Runtime's pybind types
-            raise _run_error(self.path, exc) from exc
-        return dict(zip(names, results, strict=True))
+        return dict(zip(names, self._session_run(names, feeds), strict=True))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -155,23 +144,5 @@ def _spec(arg: Any) -> IOSpec:
     return IOSpec(arg.name, dtype, shape, None, names if any(names) else None)
 
 
-def _run_error(path: Path, exc: Exception) -> UserError:
-    kind = type(exc).__name__
-    if kind == "InvalidArgument":
-        return DataError(
-            f"ONNX Runtime refused the inputs of {path.name}: {_one_line(exc)}",
-            "check the arrays against `trtq inspect` of the model",
-        )
-    return UserError(
-        f"ONNX Runtime failed running {path.name} ({kind}): {_one_line(exc)}",
-        "rerun with --debug for the traceback; try providers=['cpu'] to rule out a provider",
-    )
-
-
 def _closed(*args: object) -> None:
     raise UserError("this engine was closed", "load the model again")
-
-
-def _one_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

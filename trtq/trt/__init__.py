@@ -41,9 +41,15 @@ NO_GPU_HINT = (
 )
 
 
-def _one_line(text: object) -> str:
-    """Collapse an exception text to one line (loader errors may span several)."""
-    return " ".join(str(text).split())
+def one_line(exc: object) -> str:
+    """An exception's text on one line (loader errors span several), or its type's name."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def first_line(obj: object) -> str:
+    """The first line of what TensorRT said (its messages can run to many lines)."""
+    text = str(obj).strip()
+    return text.splitlines()[0] if text else type(obj).__name__
 
 
 def import_tensorrt() -> ModuleType:
@@ -62,7 +68,7 @@ def import_tensorrt() -> ModuleType:
         if exc.name not in (None, "tensorrt"):  # a dependency of the package is missing
             raise MissingDependencyError(
                 f"TensorRT's Python package is installed but could not be imported: "
-                f"{_one_line(exc)}",
+                f"{one_line(exc)}",
                 INSTALL_HINT,
             ) from exc
         raise MissingDependencyError(
@@ -73,7 +79,7 @@ def import_tensorrt() -> ModuleType:
     except (ImportError, OSError) as exc:
         raise MissingDependencyError(
             f"TensorRT's Python package is installed but its libraries could not be loaded "
-            f"({_one_line(exc)})",
+            f"({one_line(exc)})",
             INSTALL_HINT,
         ) from exc
 

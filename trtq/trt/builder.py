@@ -7,21 +7,18 @@ and a calibrator) remains an option, allowed only where
 :func:`trtq.trt.compat.detect` finds it.
 
 This module only sequences TensorRT calls; every version difference is a
-question to :mod:`trtq.trt.compat`. The ``tensorrt`` module is a parameter
-(imported through :func:`trtq.trt.import_tensorrt` when not given), which is
-what lets the tests replay a build against a recording fake on a machine
-without a GPU.
+question to :mod:`trtq.trt.compat`. Shapes and profiles are checked in
+:mod:`trtq.trt.shapes`, plugins registered by :mod:`trtq.trt.plugins`. The
+``tensorrt`` module is a parameter (imported through
+:func:`trtq.trt.import_tensorrt` when not given), which is what lets the tests
+replay a build against a recording fake on a machine without a GPU.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import re
-import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -29,12 +26,13 @@ from typing import Any
 
 from trtq.errors import ModelError, UserError
 from trtq.fileio import write_bytes
-from trtq.trt import compat, create_builder, import_tensorrt
+from trtq.trt import compat, create_builder, first_line, import_tensorrt
 from trtq.trt.compat import TrtFeatures
+from trtq.trt.plugins import load_plugins
+from trtq.trt.shapes import Shape, ShapeRange, TensorInfo, check_profile, optimization_profile
 
 log = logging.getLogger(__name__)
 
-Shape = tuple[int, ...]
 
 #: TensorRT 10's weak-precision modes and the builder flag each one sets.
 WEAK_PRECISION_FLAGS: dict[str, str] = {"fp16": "FP16", "int8": "INT8"}
@@ -55,18 +53,6 @@ DTYPE_NAMES: dict[str, str] = {
     "FP4": "float4e2m1",
     "E8M0": "float8e8m0",
 }
-
-
-@dataclass(frozen=True)
-class ShapeRange:
-    """One input's optimization-profile shapes: the engine accepts min <= shape <= max."""
-
-    min: Shape
-    opt: Shape
-    max: Shape
-
-    def to_json(self) -> dict[str, list[int]]:
-        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
 
 @dataclass
@@ -104,15 +90,7 @@ class BuildOptions:
 
     def profile(self) -> dict[str, ShapeRange]:
         """The optimization-profile shapes per input, checked for consistency."""
-        ranged = self.min_shapes or self.opt_shapes or self.max_shapes
-        if self.shapes and ranged:
-            raise UserError(
-                "both --shapes and --min/--opt/--max-shapes were given",
-                "use --shapes for one fixed shape per input, or the three range flags",
-            )
-        if not ranged:
-            return {name: ShapeRange(s, s, s) for name, s in self.shapes.items()}
-        return _ranges(self.min_shapes, self.opt_shapes, self.max_shapes)
+        return optimization_profile(self.shapes, self.min_shapes, self.opt_shapes, self.max_shapes)
 
     def to_json(self) -> dict[str, Any]:
         """The options as recorded in the engine's sidecar (the calibrator by class name)."""
@@ -261,83 +239,7 @@ def _require(supported: bool, features: TrtFeatures, what: str) -> None:
         raise UserError(f"TensorRT {features.version} cannot build {what}", "drop that option")
 
 
-# --- plugins and parsing -----------------------------------------------------------------
-
-
-def load_plugins(trt: ModuleType, logger: Any, plugins: Iterable[str | Path]) -> None:
-    """Register TensorRT's bundled plugins, then each library of ``plugins``, in order.
-
-    Done before parsing, because the ONNX parser looks up a node's plugin in the
-    registry when it meets it. A library that does not load would otherwise
-    surface later as an unrelated "unsupported operator". A ``.py`` file is a Python
-    plugin module (``tensorrt.plugin``, TensorRT >= 10.6): importing it registers its
-    plugins (see :func:`import_plugin_module`).
-    """
-    plugins = [Path(p) for p in plugins]
-    init = getattr(trt, "init_libnvinfer_plugins", None)
-    if init is not None and not init(logger, ""):
-        log.debug("TensorRT's bundled plugins were not registered")
-    if not plugins:
-        return
-    registry = trt.get_plugin_registry()
-    for path in plugins:
-        if not path.is_file():
-            raise UserError(f"plugin library not found: {path}", "check the path")
-        if registry is None:
-            raise UserError(
-                f"cannot load plugin library {path}: TensorRT has no plugin registry",
-                "check that TensorRT and a GPU are usable here",
-            )
-        if path.suffix == ".py":
-            import_plugin_module(path)
-            continue
-        try:
-            handle = registry.load_library(str(path))
-        except Exception as exc:  # the bindings raise RuntimeError or TypeError
-            raise UserError(
-                f"TensorRT could not load plugin library {path}: {_first_line(exc)}",
-                "check that it was built for this TensorRT and that its dependencies are "
-                "on LD_LIBRARY_PATH",
-            ) from exc
-        if handle is None:
-            raise UserError(
-                f"TensorRT could not load plugin library {path} (see the log above)",
-                "check that it was built for this TensorRT, its dependencies are on "
-                "LD_LIBRARY_PATH, and no plugin in it is registered twice",
-            )
-        log.debug("loaded plugin library %s", path)
-
-
-#: Python plugin modules imported so far, by resolved path: a second import would register
-#: the same plugins again, which ``tensorrt.plugin`` refuses.
-_PLUGIN_MODULES: dict[Path, ModuleType] = {}
-
-
-def import_plugin_module(path: str | Path) -> ModuleType:
-    """Import the Python plugin module at ``path`` once; its decorators register its plugins."""
-    path = Path(path)
-    key = path.resolve()
-    if key in _PLUGIN_MODULES:
-        return _PLUGIN_MODULES[key]
-    stem = re.sub(r"\W", "_", key.stem)
-    name = f"trtq_plugin_{stem}_{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
-    spec = importlib.util.spec_from_file_location(name, key)
-    if spec is None or spec.loader is None:
-        raise UserError(f"cannot import plugin module {path}", "pass a .py file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # anything the module raises: a missing import, a double registration
-        del sys.modules[name]
-        raise UserError(
-            f"cannot import plugin module {path}: {type(exc).__name__}: {_first_line(exc)}",
-            "check that it imports with this TensorRT (Python plugins need TensorRT >= 10.6) "
-            "and that no other module registers the same plugins",
-        ) from exc
-    _PLUGIN_MODULES[key] = module
-    log.debug("imported plugin module %s", path)
-    return module
+# --- parsing -----------------------------------------------------------------------------
 
 
 def parse_onnx(parser: Any, source: str | Path | bytes) -> None:
@@ -363,7 +265,7 @@ def parse_onnx(parser: Any, source: str | Path | bytes) -> None:
 
 def parser_error_text(error: Any) -> str:
     """``node 'conv1' (Conv): <description>``, from whatever this TensorRT's ParserError offers."""
-    desc = _first_line(_ask(error, "desc") or error)
+    desc = first_line(_ask(error, "desc") or error)
     name = _ask(error, "node_name")
     op = _ask(error, "node_operator")
     index = _ask(error, "node")
@@ -387,20 +289,7 @@ def _ask(obj: Any, method: str) -> Any:
         return None
 
 
-# --- shapes and optimization profiles ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A network input or output as TensorRT sees it (-1 marks a dynamic dimension)."""
-
-    name: str
-    shape: Shape
-    dtype: str
-
-    @property
-    def dynamic(self) -> bool:
-        return any(d < 0 for d in self.shape)
+# --- network tensors and the optimization profile ---------------------------------------
 
 
 def _tensors(network: Any, mode: str) -> list[TensorInfo]:
@@ -417,55 +306,6 @@ def dtype_name(dtype: Any) -> str:
     """``DataType.HALF`` -> ``"float16"``; unknown members keep their lower-cased name."""
     member = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
     return DTYPE_NAMES.get(member, member.lower())
-
-
-def check_profile(inputs: list[TensorInfo], profile: Mapping[str, ShapeRange]) -> None:
-    """Every dynamic input covered; every given shape names an input and fits its fixed dims."""
-    by_name = {t.name: t for t in inputs}
-    unknown = [name for name in profile if name not in by_name]
-    if unknown:
-        raise UserError(
-            f"shapes given for {', '.join(map(repr, unknown))}, which the model has no input "
-            f"called",
-            f"its inputs are: {', '.join(t.name for t in inputs) or 'none'}",
-        )
-    for name, shapes in profile.items():
-        _check_fits(by_name[name], shapes)
-    uncovered = [t for t in inputs if t.dynamic and t.name not in profile]
-    if uncovered:
-        listed = ", ".join(f"{t.name} ({format_shape(t.shape)})" for t in uncovered)
-        example = ",".join(f"{t.name}:{format_shape(example_shape(t.shape))}" for t in uncovered)
-        raise UserError(
-            f"input(s) with dynamic dimensions need shapes: {listed}",
-            f"pass e.g. --shapes {example} (or --min-shapes/--opt-shapes/--max-shapes)",
-        )
-
-
-def _check_fits(tensor: TensorInfo, shapes: ShapeRange) -> None:
-    for given in (shapes.min, shapes.opt, shapes.max):
-        if len(given) != len(tensor.shape):
-            raise UserError(
-                f"shape {format_shape(given)} for input '{tensor.name}' has {len(given)} "
-                f"dimension(s); the input has {len(tensor.shape)} ({format_shape(tensor.shape)})",
-                "give one size per dimension, e.g. 1x3x224x224",
-            )
-        for axis, (want, got) in enumerate(zip(tensor.shape, given, strict=True)):
-            if want >= 0 and want != got:
-                raise UserError(
-                    f"shape {format_shape(given)} for input '{tensor.name}': dimension {axis} is "
-                    f"fixed to {want} in the model ({format_shape(tensor.shape)})",
-                    "change only the dynamic (-1) dimensions",
-                )
-
-
-def example_shape(shape: Shape) -> Shape:
-    """A shape to suggest in messages: each dynamic dimension as 1."""
-    return tuple(d if d >= 0 else 1 for d in shape)
-
-
-def format_shape(shape: Iterable[int]) -> str:
-    """``(1, 3, -1)`` -> ``"1x3x-1"`` (trtexec's syntax)."""
-    return "x".join(str(d) for d in shape) or "scalar"
 
 
 def _add_profile(
@@ -562,109 +402,3 @@ def save_timing_cache(config: Any, path: str | Path) -> None:
         return
     write_bytes(path, bytes(memoryview(cache.serialize())))
     log.debug("timing cache written to %s", path)
-
-
-# --- TensorRT 10 calibrator that only serves a cache -------------------------------------
-
-
-def cache_calibrator(trt: ModuleType, cache_path: str | Path, algorithm: str = "entropy") -> Any:
-    """A TensorRT 10 INT8 calibrator that serves an existing calibration cache and no data.
-
-    TensorRT asks the calibrator for its cache first and calibrates only when
-    there is none; this one always has one (written by ``trtq calibrate
-    --cache``), so no batch is ever needed and no GPU buffers are involved.
-    """
-    base = compat.calibrator_base(trt, algorithm)
-    text = Path(cache_path).read_bytes()
-
-    class CacheCalibrator(base):
-        """Serves ``cache_path`` to TensorRT; answers "no data" if TensorRT rejects it."""
-
-        def __init__(self) -> None:
-            base.__init__(self)  # the bindings need the base initialiser to run
-            self.cache_path = Path(cache_path)
-
-        def get_batch_size(self) -> int:
-            return 1
-
-        def get_batch(self, names, *args):  # TensorRT passes (names) or (names, p_str)
-            log.error("TensorRT did not accept the calibration cache %s", self.cache_path)
-            return None
-
-        def read_calibration_cache(self) -> bytes:
-            return text
-
-        def write_calibration_cache(self, cache) -> None:
-            return None
-
-    return CacheCalibrator()
-
-
-# --- shape flags -------------------------------------------------------------------------
-
-_SHAPE = re.compile(r"\d+(?:x\d+)*")
-
-
-def parse_shapes(text: str | Iterable[str] | None) -> dict[str, Shape]:
-    """trtexec's shape syntax: ``"input:1x3x224x224,mask:1x128"`` -> ``{name: shape}``.
-
-    Also takes the values of a repeated flag (a list of such strings). The
-    shape follows the *last* colon, so names with colons (``'input:0'``, from
-    TensorFlow exports) work, quoted or not.
-    """
-    if text is None:
-        return {}
-    parts = [text] if isinstance(text, str) else list(text)
-    shapes: dict[str, Shape] = {}
-    for item in (p.strip() for part in parts for p in part.split(",")):
-        if not item:
-            continue
-        name, sep, dims = item.rpartition(":")
-        name = name.strip().strip("'\"")
-        dims = dims.strip().lower()
-        if not sep or not name or not _SHAPE.fullmatch(dims):
-            raise UserError(
-                f"bad shape {item!r}", "write it as name:1x3x224x224 (several: a:1x3,b:1x128)"
-            )
-        if name in shapes:
-            raise UserError(f"shape for input '{name}' given twice", "give each input once")
-        shape = tuple(int(d) for d in dims.split("x"))
-        if 0 in shape:
-            raise UserError(f"bad shape {item!r}: dimensions must be positive", "use sizes >= 1")
-        shapes[name] = shape
-    return shapes
-
-
-def _ranges(
-    mins: Mapping[str, Shape], opts: Mapping[str, Shape], maxs: Mapping[str, Shape]
-) -> dict[str, ShapeRange]:
-    """Zip min/opt/max shapes per input; each input needs all three, ordered min <= opt <= max."""
-    ranges = {}
-    flags = {"--min-shapes": mins, "--opt-shapes": opts, "--max-shapes": maxs}
-    for name in dict.fromkeys([*mins, *opts, *maxs]):
-        missing = [flag for flag, given in flags.items() if name not in given]
-        if missing:
-            raise UserError(
-                f"input '{name}' has no shape in {', '.join(missing)}",
-                "give each input in all of --min-shapes, --opt-shapes and --max-shapes",
-            )
-        shapes = ShapeRange(mins[name], opts[name], maxs[name])
-        if not len(shapes.min) == len(shapes.opt) == len(shapes.max):
-            raise UserError(f"min/opt/max shapes of input '{name}' differ in rank", "fix the flags")
-        ordered = all(
-            a <= b <= c for a, b, c in zip(shapes.min, shapes.opt, shapes.max, strict=True)
-        )
-        if not ordered:
-            raise UserError(
-                f"input '{name}': need min <= opt <= max in every dimension, got "
-                f"{format_shape(shapes.min)}, {format_shape(shapes.opt)}, "
-                f"{format_shape(shapes.max)}",
-                "fix the shape flags",
-            )
-        ranges[name] = shapes
-    return ranges
-
-
-def _first_line(obj: object) -> str:
-    text = str(obj).strip()
-    return text.splitlines()[0] if text else type(obj).__name__

@@ -16,13 +16,16 @@ Files are checked from their headers when the source is opened, so a bad file is
 reported before the model runs, and read one at a time while iterating, so a large
 folder never sits in memory at once. Samples are regrouped into batches of the
 requested size; a batch ends early where the per-sample shape changes (models with
-dynamic dims), so stacking never fails.
+dynamic dims), so stacking never fails. A file whose inputs share no batch dim (a
+sequence and its recurrent state) is a whole feed: one model call, passed as it is
+(:mod:`.feeds`).
 
 Where each stage lives: :mod:`.files` tells array files from images in a path;
 :mod:`.arrays` and :mod:`.images` open them (:mod:`.images` also holds
 :class:`ImagePreprocess`); :mod:`.batching` regroups their samples into batches;
 :mod:`.checks` checks batches against the model inputs; :mod:`.script` runs loader
-scripts; :mod:`.formats` and :mod:`.messages` hold shared constants and message text.
+scripts; :mod:`.feeds` tells whole feeds from batches, here and for every consumer of
+batches; :mod:`.formats` and :mod:`.messages` hold shared constants and message text.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from trtq.calib.data.batching import (
     DEFAULT_BATCH_SIZE,
+    Piece,
     batch_rule,
     count_samples,
     plan_batches,
@@ -114,8 +118,10 @@ def open_batches(
     a folder of images, or a ``.py`` loader script (see the module docstring). Samples
     from files and images are regrouped into batches of ``batch_size``, which defaults to
     the model's fixed batch dim, or :data:`DEFAULT_BATCH_SIZE` when that is dynamic. A
-    last batch that does not fill a fixed batch dim is dropped with a warning. Batches from
-    a loader script are used as they come and only checked.
+    last batch that does not fill a fixed batch dim is dropped with a warning. A file whose
+    inputs share no batch dim is one batch as it is, and one sample (:mod:`.feeds`): the
+    batch size does not apply to it. Batches from a loader script are used as they come
+    and only checked.
 
     ``limit`` caps the number of samples; files past it are never opened. ``preprocess``
     applies to image folders only (defaults: see :class:`ImagePreprocess`). With
@@ -137,9 +143,15 @@ def open_batches(
             num_batches=None,
             num_samples=None,
         )
-    size, keep_partial = batch_rule(inputs, batch_size)
     pieces, unit = file_pieces(path, inputs, preprocess)
     taken, slices = take_samples(pieces, limit)
+    whole = [taken[s.piece] for s in slices if taken[s.piece].whole]
+    if whole:
+        _log_whole_feeds(path, whole, len(slices), batch_size)
+    if len(whole) == len(slices):  # nothing to batch: the batch size has no say
+        size, keep_partial, unit = 1, True, "whole feeds"
+    else:
+        size, keep_partial = batch_rule(inputs, batch_size)
     plan = plan_batches(taken, slices, size, keep_partial)
     if not plan:
         raise _no_batch(path, sum(s.stop - s.start for s in slices), size)
@@ -150,6 +162,23 @@ def open_batches(
         f"{num_samples} {unit} in {len(plan)} {plural} from {path}",
         num_batches=len(plan),
         num_samples=num_samples,
+    )
+
+
+def _log_whole_feeds(path: Path, whole: list[Piece], files: int, batch_size: int | None) -> None:
+    """One line: which files are whole feeds (see :mod:`.feeds`), and why the first is."""
+    if files == 1:
+        which = str(path)
+    elif len(whole) == files:
+        which = f"each of the {files} files of {path}"
+    else:
+        which = f"{len(whole)} of the {files} files of {path}"
+    log.info(
+        "taking %s as one model call, unsplit and unbatched%s (%s: %s)",
+        which,
+        f"; batch size {batch_size} does not apply" if batch_size else "",
+        whole[0].where,
+        whole[0].whole,
     )
 
 

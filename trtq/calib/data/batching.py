@@ -18,7 +18,7 @@ import numpy as np
 
 from trtq.calib.data.checks import convert
 from trtq.calib.data.formats import Batch
-from trtq.calib.data.messages import dims, quoted
+from trtq.calib.data.messages import dims
 from trtq.errors import DataError
 from trtq.graph.load import TensorSpec
 
@@ -29,21 +29,12 @@ DEFAULT_BATCH_SIZE = 8
 
 
 def batch_rule(inputs: list[TensorSpec], batch_size: int | None) -> tuple[int, bool]:
-    """The batch size for re-batched files, and whether a short last batch can be kept."""
-    scalars = [spec.name for spec in inputs if not spec.shape]
-    if scalars:
-        raise DataError(
-            f"input {quoted(scalars)} has no batch dim, so file data cannot be batched for it",
-            "feed this model with a .py loader script",
-        )
+    """The batch size for re-batched files, and whether a short last batch can be kept.
+
+    For a model whose inputs may share a batch axis (:func:`.feeds.no_batch_axis` is None):
+    dim 0 is fixed at one size, or nowhere.
+    """
     fixed = {spec.shape[0]: spec for spec in inputs if isinstance(spec.shape[0], int)}
-    if len(fixed) > 1:
-        raise DataError(
-            "the model's inputs have different fixed batch dims ("
-            + ", ".join(f"{spec.name} {dims(spec.shape)}" for spec in fixed.values())
-            + ")",
-            "feed this model with a .py loader script",
-        )
     if not fixed:
         return batch_size or DEFAULT_BATCH_SIZE, True
     size, spec = next(iter(fixed.items()))
@@ -57,10 +48,17 @@ def batch_rule(inputs: list[TensorSpec], batch_size: int | None) -> tuple[int, b
 
 
 class Piece(Protocol):
-    """Samples from one file: how many, of what shape, and how to read them."""
+    """Samples from one file: how many, of what shape, and how to read them.
+
+    A piece whose ``whole`` gives a reason is a whole feed (:mod:`.feeds`): one sample,
+    read and passed on as it is, a batch of its own.
+    """
 
     @property
     def where(self) -> str: ...
+
+    @property
+    def whole(self) -> str | None: ...
 
     @property
     def count(self) -> int: ...
@@ -102,7 +100,10 @@ def plan_batches(
     """Group samples into batches of ``batch_size``, ending a batch where the shape changes."""
     batches: list[list[Slice]] = []
     dropped = 0
-    for _, run in itertools.groupby(slices, key=lambda s: pieces[s.piece].sample_shapes):
+    for key, run in itertools.groupby(slices, key=lambda s: _batch_key(pieces[s.piece])):
+        if key is None:
+            batches.extend([piece_slice] for piece_slice in run)
+            continue
         run_batches = list(_fill(run, batch_size))
         if count_samples(run_batches[-1]) < batch_size and not keep_partial:
             dropped += count_samples(run_batches.pop())
@@ -114,6 +115,11 @@ def plan_batches(
             batch_size,
         )
     return batches
+
+
+def _batch_key(piece: Piece) -> tuple[tuple[int, ...], ...] | None:
+    """Samples of one key may share a batch; None for a whole feed, which shares none."""
+    return None if piece.whole else piece.sample_shapes
 
 
 def _fill(slices: Iterable[Slice], batch_size: int) -> Iterator[list[Slice]]:
@@ -146,6 +152,10 @@ def read_batches(
     """Read the planned batches, holding one file's data at a time."""
     current, arrays = -1, {}
     for batch in plan:
+        piece = pieces[batch[0].piece]
+        if piece.whole:
+            yield convert(piece.read(), inputs, piece.where, check_finite)
+            continue
         parts = []
         for part in batch:
             if part.piece != current:

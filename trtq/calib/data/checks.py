@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from trtq.calib.data.formats import Batch
-from trtq.calib.data.messages import dims, expected_shape, quoted
+from trtq.calib.data.messages import dims, expected_shape, one_line, quoted
 from trtq.errors import DataError
 from trtq.graph.load import TensorSpec
 
@@ -42,11 +42,29 @@ def check_batch(
     ignored = [key for key in batch if key not in names]
     if ignored:
         log.debug("%s: ignoring %s (not model inputs)", where, quoted(ignored))
-    arrays = {spec.name: np.asarray(batch[spec.name]) for spec in inputs}
+    arrays = {spec.name: _as_array(batch[spec.name], spec, where) for spec in inputs}
     check_shapes({name: array.shape for name, array in arrays.items()}, inputs, where)
     for spec in inputs:
         check_dtype(spec, arrays[spec.name].dtype, where)
     return convert(arrays, inputs, where, check_finite)
+
+
+def _as_array(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
+    """``value`` as a numeric array; ragged lists and non-numbers are refused by name."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot read
+        raise DataError(
+            f"input '{spec.name}' in {where} is not an array: {one_line(exc)}",
+            "give each input as one numpy array (lists of equal-length rows)",
+        ) from exc
+    if array.dtype.kind not in "biufc" and spec.dtype.kind not in "OUS":
+        raise DataError(
+            f"input '{spec.name}' in {where} holds {type(value).__name__} data of dtype "
+            f"{array.dtype}, not numbers",
+            f"give it as a numpy array of {spec.dtype}",
+        )
+    return array
 
 
 def check_shapes(

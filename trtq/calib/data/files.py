@@ -25,6 +25,10 @@ def file_pieces(
         if images:
             recipe = image_recipe(inputs, preprocess or ImagePreprocess())
             return (image_file(image, recipe) for image in images), "images"
+    elif not path.is_file():  # a FIFO or device would block or never end
+        raise DataError(
+            f"data {path} is not a regular file or a folder", f"pass {ACCEPTED_SOURCES}"
+        )
     elif path.suffix.lower() in ARRAY_SUFFIXES:
         arrays = [path]
     else:

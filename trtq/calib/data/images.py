@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -178,6 +180,7 @@ class _ImageFile:
     recipe: _ImageRecipe
     size: tuple[int, int]  # PIL's (width, height)
     count: int = 1
+    whole: None = None  # an image is one sample of a batch, never a whole feed
 
     @property
     def where(self) -> str:
@@ -188,11 +191,8 @@ class _ImageFile:
         return (self.recipe.sample_shape(self.size),)
 
     def read(self) -> Batch:
-        try:
-            with _pil_image().open(self.path) as image:
-                return {self.recipe.spec.name: self.recipe.apply(image, self.where)}
-        except OSError as exc:
-            raise _undecodable(self.path, exc) from exc
+        with _opened(self.path, decode=True) as image:
+            return {self.recipe.spec.name: self.recipe.apply(image, self.where)}
 
 
 def _pil_image():
@@ -204,17 +204,48 @@ def _pil_image():
 
 def image_file(path: Path, recipe: _ImageRecipe) -> _ImageFile:
     """Read only the image's header: its size decides its batch."""
+    with _opened(path, decode=False) as image:
+        return _ImageFile(path, recipe, image.size)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, decode: bool) -> Iterator[Any]:
+    """The Pillow image of ``path``, decoded if asked; whatever Pillow fails on is the file's
+    problem, reported as one line.
+
+    Pillow refuses images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a few
+    bytes of PNG can claim gigapixels) from the header; its warning for images up to twice
+    that is made an error too, since calibration never needs such images.
+    """
+    pil_image = _pil_image()
+    bombs = (pil_image.DecompressionBombError, pil_image.DecompressionBombWarning)
+    image = None
     try:
-        with _pil_image().open(path) as image:
-            return _ImageFile(path, recipe, image.size)
-    except OSError as exc:
-        raise _undecodable(path, exc) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pil_image.DecompressionBombWarning)
+            image = pil_image.open(path)
+            if decode:
+                image.load()
+    except bombs as exc:
+        _close(image)
+        raise DataError(
+            f"image {path} is too large to decode safely ({one_line(exc).rstrip('.')})",
+            f"re-save it smaller or remove it from the folder (Pillow's limit: "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {pil_image.MAX_IMAGE_PIXELS} pixels)",
+        ) from exc
+    except Exception as exc:  # Pillow's decoders raise many types for a broken file
+        _close(image)
+        raise DataError(
+            f"cannot decode image {path} ({one_line(exc)})",
+            "re-save it or remove it from the folder",
+        ) from exc
+    with image:
+        yield image
 
 
-def _undecodable(path: Path, exc: Exception) -> DataError:
-    return DataError(
-        f"cannot decode image {path} ({one_line(exc)})", "re-save it or remove it from the folder"
-    )
+def _close(image) -> None:
+    if image is not None:
+        image.close()
 
 
 def image_recipe(inputs: list[TensorSpec], preprocess: ImagePreprocess) -> _ImageRecipe:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
+import itertools
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from trtq.calib.data.checks import check_batch
 from trtq.calib.data.formats import Batch
-from trtq.calib.data.messages import one_line
-from trtq.errors import DataError
+from trtq.errors import DataError, UserError
 from trtq.graph.load import TensorSpec
+from trtq.pyfile import describe_exception, import_file
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,14 @@ def script_batches(
 
 def _load_data_function(path: Path) -> Callable[[], Iterable[Any]]:
     """Import the script (its own folder importable, like ``python script.py``)."""
-    name = f"trtq_data_loader_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise DataError(f"cannot load {path} as a Python module", "pass a .py loader script")
-    module = importlib.util.module_from_spec(spec)
-    # Registered so that dataclasses and pickling inside the script find their module.
-    sys.modules[name] = module
-    try:
-        with _on_sys_path(path.parent):
-            spec.loader.exec_module(module)
-    except (ImportError, SyntaxError) as exc:
-        raise DataError(
-            f"cannot import loader script {path}: {one_line(exc)}",
-            f"fix the script; `python {path}` shows the full error",
-        ) from exc
+    module = import_file(
+        path,
+        kind="loader script",
+        prefix="trtq_data_loader",
+        fix=f"fix the script; `python {path}` shows the full error",
+        error=DataError,
+        importable_folder=True,
+    )
     load_data = getattr(module, "load_data", None)
     if not callable(load_data):
         raise DataError(
@@ -54,15 +47,6 @@ def _load_data_function(path: Path) -> Callable[[], Iterable[Any]]:
             "define load_data() that yields dicts {input_name: numpy array}, as for polygraphy",
         )
     return load_data
-
-
-@contextlib.contextmanager
-def _on_sys_path(folder: Path) -> Iterator[None]:
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(folder))
 
 
 def _checked_batches(
@@ -74,7 +58,17 @@ def _checked_batches(
     can_cut: bool,
 ) -> Iterator[Batch]:
     remaining = math.inf if limit is None else limit
-    for index, raw in enumerate(load_data()):
+    produced = _run_user_code(path, load_data)
+    if produced is None or isinstance(produced, Mapping | str | bytes) or not _iterable(produced):
+        raise DataError(
+            f"loader script {path}: load_data() returned {_what(produced)}, not batches",
+            "make it yield dicts {input_name: numpy array} (or return a list of them)",
+        )
+    iterator = _run_user_code(path, iter, produced)
+    for index in itertools.count():
+        raw = _run_user_code(path, next, iterator, _END)
+        if raw is _END:
+            return
         where = f"batch {index} of {path}"
         if not isinstance(raw, Mapping):
             raise DataError(
@@ -93,3 +87,33 @@ def _checked_batches(
         remaining -= rows
         if remaining <= 0:
             return
+
+
+#: What ``next`` returns when the script's iterator is exhausted.
+_END = object()
+
+
+def _run_user_code(path: Path, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, where the script's own code runs (calling or advancing load_data).
+
+    Whatever that code raises is the script's problem, reported as one line: exceptions,
+    and ``sys.exit()`` too, which would otherwise end trtq silently with the script's
+    status. Ctrl-C still interrupts, and trtq's own errors pass through as they are.
+    """
+    try:
+        return function(*args)
+    except (KeyboardInterrupt, UserError):
+        raise
+    except BaseException as exc:  # the script's code: SystemExit included on purpose
+        raise DataError(
+            f"loader script {path}: load_data() raised {describe_exception(exc)}",
+            "fix the script; rerun with --debug for its traceback",
+        ) from exc
+
+
+def _iterable(value: Any) -> bool:
+    return isinstance(value, Iterable) or hasattr(value, "__getitem__")
+
+
+def _what(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"

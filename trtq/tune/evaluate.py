@@ -1,0 +1,343 @@
+"""Score configurations of a calibrated plan against FP32: cached, on a pluggable executor.
+
+A *configuration* is the set of the plan's quantized nodes left in high precision
+instead (a frozenset of node names): ``frozenset()`` is the full plan, the set of every
+quantized node the model without Q/DQ. Its model is built the way ``trtq quantize``
+builds the one it writes (:func:`trtq.quantizer.lower`, with the plan's node decisions
+filtered by :meth:`~trtq.graph.qdq.QuantPlan.with_float`), with the ranges of the full
+plan: moving one node to float changes no other tensor's scale, so each figure is that
+configuration's alone. It is run on the evaluation batches with ONNX Runtime (Q/DQ as
+fake quantization, as ``trtq compare``) and measured against FP32 outputs computed once.
+
+The parts, so that another backend fits in (a Ray cluster, issue 14):
+
+* :class:`Job` - everything a worker needs, picklable: the model as bytes, the plan, the
+  ranges, the evaluation batches and their FP32 outputs. Sent once per worker;
+* :class:`Evaluator` - built from a job in the worker; scores one configuration;
+* an executor (:class:`InProcess`, :class:`ProcessPool`) - maps configurations to scores:
+  ``map(configurations)`` yields them in order, ``close()`` releases the workers. A
+  cluster backend is one more class with these two methods (an actor per worker built
+  from the job, a task per configuration);
+* :class:`Evaluations` - the cache in front of an executor: a configuration is scored
+  once, whatever asks for it how often.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from trtq.calib.collect import Batch, batch_size
+from trtq.calib.ranges import TensorRange
+from trtq.errors import UserError
+from trtq.graph import fp16, qdq
+from trtq.quantizer import Prepared, fp16_limits, lower
+from trtq.report.compare import AccuracyResult, ComparisonReport
+from trtq.report.metrics import LabelAccuracy, OutputAgreement, json_number, top1
+from trtq.sessions import open_session
+
+if TYPE_CHECKING:
+    from trtq.tune.holdout import Evaluation
+
+#: A configuration: the quantized nodes of the plan left in high precision instead.
+Configuration = frozenset[str]
+#: The reason written on a node the fallback moved out of INT8/FP8.
+FALLBACK_REASON = "sensitivity fallback"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What building and scoring any configuration takes; pickled once per worker."""
+
+    model: bytes  # the planning graph (normalised, frozen inputs folded), serialized
+    plan: qdq.QuantPlan  # the full plan, unusable ranges already left in float
+    ranges: Mapping[str, TensorRange]  # the full plan's, shared within range groups
+    precision: str  # int8 or fp8
+    mixed: fp16.MixedPrecisionOptions | None  # --high-precision fp16/bf16
+    fp16_amax: Mapping[str, float]  # observed |x| per tensor, for the FP16/BF16 plan
+    example: Batch | None  # one batch, for the shapes the FP16/BF16 plan reads
+    batches: tuple[Batch, ...]  # the evaluation data, only the inputs the model takes
+    reference: tuple[dict[str, np.ndarray], ...]  # FP32 outputs of each batch
+    labels: np.ndarray | None = None
+    label_output: str | None = None
+    reference_accuracy: float | None = None
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads per session
+
+    @property
+    def quantized(self) -> list[str]:
+        """The nodes a configuration may leave in high precision, in graph order."""
+        return [d.name for d in self.plan.decisions if d.quantized]
+
+
+def make_job(
+    prepared: Prepared,
+    evaluation: Evaluation,
+    *,
+    providers: Sequence[str] | None = None,
+) -> Job:
+    """The job for ``prepared`` (the pipeline up to Q/DQ insertion) on ``evaluation``.
+
+    The FP32 outputs of the evaluation batches are computed here, once for every
+    configuration and every worker.
+    """
+    if prepared.placement is None:
+        raise UserError(
+            "measuring nodes against FP32 needs INT8/FP8 placement",
+            "use --precision int8 or fp8",
+        )
+    model = prepared.model
+    wanted = {v.name for v in model.graph.input}
+    batches = tuple({k: v for k, v in b.items() if k in wanted} for b in evaluation.batches())
+    if not batches:
+        raise UserError("the evaluation data yielded no batches", "check --eval DATA")
+    session = open_session(model, providers)
+    names = _float_outputs(model)
+    reference = tuple(
+        dict(zip(names, session.run(names, dict(batch)), strict=True)) for batch in batches
+    )
+    labels, label_output, accuracy = evaluation.labels, None, None
+    if labels is not None:
+        label_output = evaluation.label_output or names[0]
+        if label_output not in names:
+            raise UserError(
+                f"no float output named '{label_output}'", f"choose one of: {', '.join(names)}"
+            )
+        scores = np.concatenate([outputs[label_output] for outputs in reference])
+        _check_labels(label_output, scores, labels)
+        accuracy = float(np.mean(top1(scores) == labels))
+    return Job(
+        model=model.SerializeToString(),
+        plan=prepared.plan,
+        ranges=dict(prepared.ranges),
+        precision=prepared.placement.precision,
+        mixed=prepared.mixed,
+        fp16_amax=fp16_limits(prepared.stats) if prepared.mixed is not None else {},
+        example=prepared.example,
+        batches=batches,
+        reference=reference,
+        labels=labels,
+        label_output=label_output,
+        reference_accuracy=accuracy,
+        providers=tuple(providers) if providers else None,
+    )
+
+
+def _float_outputs(model: onnx.ModelProto) -> list[str]:
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    names = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats]
+    if not names:
+        raise UserError(
+            "the model has no float output to measure against FP32", "check the model's outputs"
+        )
+    return names
+
+
+def _check_labels(output: str, scores: np.ndarray, labels: np.ndarray) -> None:
+    if scores.ndim < 2 or scores[0].size < 2:
+        raise UserError(
+            f"output '{output}' has shape {scores.shape}: not one row of class scores per sample",
+            "choose the classifier output with --label-output",
+        )
+    if len(labels) != len(scores):
+        raise UserError(
+            f"{len(labels)} labels for {len(scores)} evaluation samples",
+            "give one label per sample, in data order",
+        )
+
+
+class Evaluator:
+    """Builds and scores configurations of one job (one per worker process)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._model = onnx.load_model_from_string(job.model)
+        self._graph = gs.import_onnx(self._model)
+
+    def plan(self, configuration: Configuration) -> qdq.QuantPlan:
+        return self.job.plan.with_float(
+            configuration, FALLBACK_REASON, self.job.ranges, self._graph
+        )
+
+    def build(self, configuration: Configuration) -> onnx.ModelProto:
+        """The model ``trtq quantize`` would write for this configuration."""
+        job = self.job
+        model, _ = lower(
+            self._model,
+            self.plan(configuration),
+            job.ranges,
+            job.precision,
+            job.mixed,
+            job.fp16_amax,
+            job.example,
+        )
+        return model
+
+    def __call__(self, configuration: Configuration) -> ComparisonReport:
+        job = self.job
+        session = open_session(self.build(configuration), job.providers, threads=job.threads)
+        names = list(job.reference[0])
+        agreements = {name: OutputAgreement() for name in names}
+        accuracy = LabelAccuracy()
+        seen = 0
+        for batch, expected in zip(job.batches, job.reference, strict=True):
+            got = dict(zip(names, session.run(names, dict(batch)), strict=True))
+            for name in names:
+                agreements[name].update(expected[name], got[name])
+            count = batch_size(batch, self._model)
+            if job.labels is not None and job.label_output is not None:
+                accuracy.update(got[job.label_output], job.labels[seen : seen + count])
+            seen += count
+        found = None
+        if job.labels is not None and job.label_output is not None:
+            found = AccuracyResult(
+                job.label_output, seen, job.reference_accuracy or 0.0, accuracy.accuracy
+            )
+        outputs = {name: agreement.result() for name, agreement in agreements.items()}
+        return ComparisonReport(seen, len(job.batches), outputs, found)
+
+
+def worst(score: ComparisonReport) -> tuple[float, float]:
+    """(the lowest mean cosine, the highest relative L2 error) over the outputs."""
+    cosine = min(a.cosine_mean for a in score.outputs.values())
+    rel_l2 = max(a.rel_l2 for a in score.outputs.values())
+    return cosine, rel_l2
+
+
+def score_json(score: ComparisonReport) -> dict:
+    """The figures of one configuration, per output: what a step or a table row needs."""
+    return {
+        "samples": score.samples,
+        "outputs": {
+            name: {
+                "cosine_mean": json_number(a.cosine_mean),
+                "cosine_min": json_number(a.cosine_min),
+                "rel_l2": json_number(a.rel_l2),
+                "max_abs": json_number(a.max_abs),
+                "top1_agreement": None if a.top1 is None else json_number(a.top1),
+            }
+            for name, a in score.outputs.items()
+        },
+        "accuracy": score.accuracy.to_json() if score.accuracy else None,
+    }
+
+
+class Executor(Protocol):
+    """Scores configurations somewhere: here, in worker processes, on a cluster."""
+
+    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
+        """The scores of ``configurations``, in their order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """Every configuration in this process, one after the other."""
+
+    def __init__(self, job: Job) -> None:
+        self._evaluator = Evaluator(job)
+
+    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
+        return (self._evaluator(c) for c in configurations)
+
+    def close(self) -> None:
+        pass
+
+
+#: The evaluator of this worker process (set by the pool's initializer).
+_WORKER: Evaluator | None = None
+
+
+def _start_worker(job: Job) -> None:
+    global _WORKER
+    _WORKER = Evaluator(job)
+
+
+def _score_in_worker(configuration: Configuration) -> ComparisonReport:
+    if _WORKER is None:
+        raise RuntimeError("worker process started without its job")
+    return _WORKER(configuration)
+
+
+class ProcessPool:
+    """Configurations scored in ``workers`` processes, each holding the job once.
+
+    The processes are spawned, not forked: a fork would inherit ONNX Runtime's thread
+    pools mid-state. Each session gets an equal share of the cores, so ``workers``
+    sessions side by side do not fight over them.
+    """
+
+    def __init__(self, job: Job, workers: int) -> None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self._pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(dataclasses.replace(job, threads=threads),),
+        )
+
+    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
+        return self._pool.map(_score_in_worker, configurations)
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+def open_executor(job: Job, workers: int = 1) -> Executor:
+    """This process for one worker, a process pool for more."""
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}", "e.g. --workers 2")
+    return InProcess(job) if workers == 1 else ProcessPool(job, workers)
+
+
+class Evaluations:
+    """Scores by configuration, each computed once (the cache is keyed by the set of nodes).
+
+    ``runs`` counts the configurations actually sent to the executor; asking again for
+    one already scored costs nothing. Use as a context manager to release the executor.
+    """
+
+    def __init__(self, executor: Executor, *, progress: bool = False) -> None:
+        self._executor = executor
+        self._progress = progress
+        self._scores: dict[Configuration, ComparisonReport] = {}
+        self.runs = 0
+
+    def __enter__(self) -> Evaluations:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._executor.close()
+
+    def __call__(self, configurations: Sequence[Configuration]) -> list[ComparisonReport]:
+        """The scores of ``configurations``; those not seen before are run, in one batch."""
+        wanted = [frozenset(c) for c in configurations]
+        missing = list(dict.fromkeys(c for c in wanted if c not in self._scores))
+        if missing:
+            scores = self._executor.map(missing)
+            with tqdm(
+                scores,
+                total=len(missing),
+                unit="model",
+                desc="evaluating",
+                disable=not self._progress or len(missing) < 2,
+                leave=False,
+            ) as bar:
+                for configuration, score in zip(missing, bar, strict=True):
+                    self._scores[configuration] = score
+            self.runs += len(missing)
+        return [self._scores[c] for c in wanted]
+
+    def one(self, configuration: Configuration) -> ComparisonReport:
+        return self([configuration])[0]
