@@ -52,7 +52,7 @@ MNIST_DIR = REPO / "calib_data"
 MNIST_CALIB_SAMPLES = 500  # calib_data/mnist_calib.npz (see calib_data/README.md)
 
 MODELS = ("mnist", "rapid")
-TRTQ_METHODS = ("mse", "entropy", "percentile", "max")
+TRTQ_METHODS = ("mse", "entropy", "percentile", "max", "auto")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 

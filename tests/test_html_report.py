@@ -61,6 +61,20 @@ def stats(quantized) -> CalibrationStats:
     return CalibrationStats.read(quantized["s.json"])
 
 
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> tuple[dict, CalibrationStats, dict]:
+    """A fallback search to a fidelity target, and `trtq sensitivity`'s figures (its file)."""
+    import trtq
+
+    result = trtq.quantize(MODEL, CALIB, target_cosine=0.99995, limit=256)
+    assert result.report["fallback"]["moved"]
+    path = tmp_path_factory.mktemp("sensitivity") / "sensitivity.json"
+    argv = ["sensitivity", MODEL, "--calib", CALIB, "--limit", "256", "--report", str(path),
+            "--no-progress", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    return result.report, result.stats, json.loads(path.read_text())
+
+
 # --- the page's data --------------------------------------------------------------------
 
 
@@ -142,20 +156,26 @@ def test_the_error_histogram_counts_every_element():
     assert np.array_equal(restored.counts, errors.counts)
 
 
-def test_sensitivity_and_fallback_are_drawn_from_any_record_list(report, stats):
-    extended = {
-        **report,
-        "sensitivity": {
-            "metric": "cosine drop",
-            "nodes": [{"node": "a", "harm": 0.01}, {"node": "b", "harm": 0.2}],
-        },
-        "fallback": [{"step": 1, "node": "b", "cosine": 0.999}],
-    }
-    data = page_data(extended, stats)
-    assert [b["label"] for b in data["sensitivity"]["bars"]] == ["b", "a"]
-    assert data["sensitivity"]["about"] == {"metric": "cosine drop"}
-    assert data["fallback"]["columns"] == ["step", "node", "cosine"]
-    assert page_data(report, stats)["sensitivity"] is None
+def test_harm_per_node_and_fallback_steps_come_from_the_search_and_trtq_sensitivity(tuned):
+    report, stats, sensitivity = tuned
+    search = report["fallback"]
+    data = page_data(report, stats, sensitivity=sensitivity)
+    bars = data["sensitivity"]["bars"]
+    assert [b["label"] for b in bars] == [n["name"] for n in sensitivity["nodes"]]
+    assert [b["value"] for b in bars] == sorted(
+        (n["harm"] for n in sensitivity["nodes"]), reverse=True
+    )
+    steps = data["fallback"]["table"]
+    assert len(steps["rows"]) == len(search["steps"]) and steps["rows"][0][1] == "start"
+    assert data["fallback"]["about"]["moved to FP32"] == f"{len(search['moved'])} node(s)"
+    # Without trtq sensitivity's figures, the search's own ranking is drawn.
+    ranking = page_data(report, stats)["sensitivity"]
+    assert {b["label"] for b in ranking["bars"]} == {n["node"] for n in search["harm"]}
+    assert [b["value"] for b in ranking["bars"]] == sorted(
+        (n["harm"] for n in search["harm"]), reverse=True
+    )
+    plain = page_data({k: v for k, v in report.items() if k != "fallback"}, stats)
+    assert plain["sensitivity"] is None and plain["fallback"] is None
 
 
 # --- the HTML ---------------------------------------------------------------------------
@@ -184,22 +204,47 @@ def test_names_cannot_break_out_of_the_data(report, stats):
     assert data["float_nodes"][0]["name"] == HOSTILE_NODE
 
 
-def test_trtq_report_reads_the_stats_the_report_names_and_a_comparison(quantized, tmp_path, capsys):
+def test_trtq_report_reads_the_stats_the_report_names_and_a_comparison(
+    quantized, tuned, tmp_path, capsys
+):
+    sensitivity = tmp_path / "sensitivity.json"
+    sensitivity.write_text(json.dumps(tuned[2]))
     capsys.readouterr()
     assert main(["compare", MODEL, str(quantized["m.onnx"]), "--data",
                  str(CALIB_DATA / "mnist_test.npz"), "--limit", "200", "--json"]) == 0  # fmt: skip
     comparison = tmp_path / "compare.json"
     comparison.write_text(capsys.readouterr().out)
     page = tmp_path / "page.html"
-    argv = ["report", str(quantized["r.json"]), "--compare", str(comparison), "-o", str(page)]
+    argv = ["report", str(quantized["r.json"]), "--compare", str(comparison), "--sensitivity",
+            str(sensitivity), "-o", str(page)]  # fmt: skip
     assert main(argv) == 0
     data = _embedded(page.read_text())
+    assert data["sensitivity"]["title"].startswith("trtq sensitivity on ")
     assert all(t["histogram"] for t in data["calibration"]["tensors"])
     titles = [source["title"] for source in data["fidelity"]]
     assert titles == ["Check after writing", f"trtq compare: {comparison}"]
     compared = data["fidelity"][1]
     assert compared["accuracy"]["samples"] == 200
     assert sum(compared["outputs"][0]["error_histogram"]["counts"]) == 200 * 10
+
+
+def test_trtq_report_finds_the_stats_beside_the_report_or_says_they_are_missing(
+    quantized, report, tmp_path, capsys
+):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "s.json").write_bytes(quantized["s.json"].read_bytes())
+    (moved / "r.json").write_text(json.dumps({**report, "stats": "elsewhere/s.json"}))
+    assert main(["report", str(moved / "r.json"), "-o", str(moved / "page.html")]) == 0
+    tensors = _embedded((moved / "page.html").read_text())["calibration"]["tensors"]
+    assert all(t["histogram"] for t in tensors)
+    (moved / "s.json").unlink()
+    capsys.readouterr()
+    assert main(["report", str(moved / "r.json"), "-o", str(moved / "page.html")]) == 0
+    assert "elsewhere/s.json) is not there" in capsys.readouterr().err
+    calibration = _embedded((moved / "page.html").read_text())["calibration"]
+    assert not any(t["histogram"] for t in calibration["tensors"])
+    assert "is not there" in calibration["note"]
 
 
 def test_trtq_report_refuses_bad_inputs_in_one_line(quantized, tmp_path, capsys):
@@ -218,6 +263,7 @@ def test_trtq_report_refuses_bad_inputs_in_one_line(quantized, tmp_path, capsys)
         ([str(other)], "is not a trtq quantize report"),
         ([str(quantized["r.json"]), "--stats", str(foreign_stats)], "no histogram for any"),
         ([str(quantized["r.json"]), "--compare", str(other)], "not the output of trtq compare"),
+        ([str(quantized["r.json"]), "--sensitivity", str(other)], "not the output of trtq sens"),
         ([str(quantized["r.json"]), "--compare", str(tmp_path / "missing.json")], "not found"),
     ):
         capsys.readouterr()
@@ -299,6 +345,7 @@ PICKER_DRIVER = """
     var islands = document.getElementById("islands-reason");
     seen.islandRows = islands ? document.querySelectorAll("#islands tbody tr").length : null;
     seen.harmBars = document.querySelectorAll("#sensitivity-chart rect.harm-bar").length;
+    seen.stepRows = document.querySelectorAll("#fallback-steps tbody tr").length;
     seen.errorPlots = document.querySelectorAll("#fidelity .error-histogram svg").length;
     seen.notes = Array.prototype.map.call(document.querySelectorAll("main .note"),
       function (n) { return n.textContent; });
@@ -377,24 +424,26 @@ def test_the_page_renders_in_chromium_and_its_picker_works(chromium, quantized, 
     assert seen["scripts"] == 4  # the data, the page's script, the probe and the driver
 
 
-def test_every_kind_of_report_renders_in_chromium(chromium, report, tmp_path):
-    """FP16 islands, sensitivity and fallback; FP16 alone; ranges from a cache without data."""
+def test_every_kind_of_report_renders_in_chromium(chromium, report, tuned, tmp_path):
+    """FP16 islands; sensitivity and fallback; FP16 alone; ranges from a cache without data."""
     import trtq
     from trtq.calib.cache import TrtCache
 
     mixed = trtq.quantize(MODEL, CALIB, high_precision="fp16", max_abs=4.0, limit=64)
     islands = mixed.report["mixed_precision"]["fp32_nodes"]
     assert islands and any("reaches" in node["reason"] for node in islands)
-    mixed.report["sensitivity"] = {
-        "metric": "cosine drop",
-        "nodes": [{"node": n["name"], "harm": 0.001 * (i + 1)} for i, n in enumerate(islands)],
-    }
-    mixed.report["fallback"] = {"steps": [{"step": 1, "node": islands[0]["name"], "cosine": 0.9}]}
     seen, _ = drive(chromium, html.render(mixed.report, mixed.stats), tmp_path)
     assert seen["problems"] == []
     assert seen["rendered"] == [[section, "true"] for section in SECTIONS]
-    assert seen["islandRows"] == len(islands) and seen["harmBars"] == len(islands)
-    assert seen["errorPlots"] == 1
+    assert seen["islandRows"] == len(islands) and seen["errorPlots"] == 1
+
+    searched, searched_stats, sensitivity = tuned
+    page = html.render(searched, searched_stats, sensitivity=sensitivity)
+    seen, _ = drive(chromium, page, tmp_path)
+    assert seen["problems"] == []
+    assert seen["rendered"] == [[section, "true"] for section in SECTIONS]
+    assert seen["harmBars"] == len(sensitivity["nodes"])
+    assert seen["stepRows"] == len(searched["fallback"]["steps"])
 
     fp16 = trtq.quantize(MODEL, CALIB, precision="fp16", limit=64)
     seen, _ = drive(chromium, html.render(fp16.report, fp16.stats), tmp_path)

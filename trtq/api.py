@@ -22,11 +22,13 @@ import onnx
 from trtq import quantizer
 from trtq.calib.cache import DEFAULT_TRT_VERSION, CalibrationStats, TrtCache, trt_version_int
 from trtq.calib.calibrate import calibrate_model, data_inputs, trt_cache
-from trtq.calib.collect import Shard, parse_memory
+from trtq.calib.collect import Collector, Shard, parse_memory
 from trtq.calib.data import ImagePreprocess
 from trtq.calib.data.in_memory import DataLike, as_batches
 from trtq.calib.histogram import DEFAULT_BINS
+from trtq.calib.range_search import QUANTIZE_METHODS, histogram_method
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS
+from trtq.calib.ray_backend import collector_for
 from trtq.calib.scope import TENSOR_SETS
 from trtq.errors import GateFailedError, UserError
 from trtq.fileio import save_model
@@ -113,6 +115,9 @@ def quantize(
     labels: np.ndarray | str | Path | None = None,
     label_output: str | None = None,
     workers: int = 1,
+    ray: str | bool | None = None,
+    bias_correction: bool = quantizer.DEFAULT_BIAS_CORRECTION,
+    equalize: bool = quantizer.DEFAULT_EQUALIZE,
 ) -> QuantizeResult:
     """Quantize an FP32 model for TensorRT (``trtq quantize``); the written model is checked.
 
@@ -140,10 +145,14 @@ def quantize(
     :func:`compare`. If even every node in high precision misses the target,
     :class:`~trtq.tune.fallback.TargetUnreachableError` (a ``GateFailedError``) is raised
     and nothing is written.
+
+    ``ray`` calibrates on a Ray cluster (``pip install 'trtq[ray]'``): True for a local
+    instance, or an address as Ray takes it (``"auto"``, ``"ray://HOST:10001"``); the
+    result is bit-identical to calibrating here (:mod:`trtq.calib.ray_backend`).
     """
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("high_precision", high_precision, HIGH_PRECISIONS)
-    _check_choice("method", method, METHODS)
+    _check_choice("method", method, QUANTIZE_METHODS)
     if precision in fp16.LOW_TYPES and high_precision != "fp32":
         raise UserError(
             f"high_precision {high_precision!r} with precision {precision!r}",
@@ -153,6 +162,7 @@ def quantize(
         raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
     _check_thresholds(min_cosine, max_rel_l2)
     _check_count("verify_samples", verify_samples)
+    backend = collector_for(ray)  # a bad address fails before any work; contacted if needed
     loaded, model_path = _load(model, "model")
     budget = _budget(
         loaded,
@@ -173,6 +183,11 @@ def quantize(
     )
     stats_given, stats_out = _reuse(stats, CalibrationStats, "stats")
     cache_given, cache_out = _reuse(cache, TrtCache, "cache")
+    if equalize and (stats is not None or cache is not None):
+        raise UserError(
+            "equalize changes the activations that --stats/--cache ranges describe",
+            "drop --equalize, or drop --stats/--cache",
+        )
     batches = None
     if calib is not None:
         batches = as_batches(
@@ -192,38 +207,57 @@ def quantize(
         else None
     )
     frozen = {name: np.asarray(value) for name, value in (freeze_inputs or {}).items()}
-    if cache_out is not None and stats_given is None and batches is not None:
-        # The cache must cover every tensor TensorRT asks for, not only the planned ones.
-        stats_given = _stats_for_cache(
-            loaded, batches, placement, frozen, method, percentile, max_memory, providers, progress
+    with backend as collector:
+        if cache_out is not None and stats_given is None and batches is not None:
+            if budget is not None and budget.evaluation.data is None:
+                raise UserError(
+                    "writing a TensorRT cache calibrates on every batch of --calib, so none "
+                    "could be held out to judge the target on",
+                    "pass --eval DATA for the target",
+                )
+            # The cache must cover every tensor TensorRT asks for, not only the planned ones.
+            stats_given = _stats_for_cache(
+                loaded,
+                batches,
+                placement,
+                frozen,
+                method,
+                percentile,
+                max_memory,
+                providers,
+                progress,
+                collector,
+            )
+        result = quantizer.quantize(
+            loaded,
+            batches,
+            placement=placement,
+            mixed=None
+            if low == "fp32"
+            else fp16.MixedPrecisionOptions(
+                precision=low,
+                keep_io_types=keep_io_types,
+                max_abs=max_abs,
+                max_reduction=max_reduction,
+                keep_fp32_nodes=keep_fp32_nodes,
+                keep_fp32_ops=_names(keep_fp32_ops),
+            ),
+            calibration=CalibrationOptions(
+                method=method,
+                percentile=percentile,
+                max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+                providers=providers,
+                progress=progress,
+                collector=collector,
+                equalize=equalize,
+                bias_correction=bias_correction,
+            ),
+            stats=stats_given,
+            cache=cache_given,
+            frozen=frozen,
+            fidelity=FidelityOptions(verify_samples, min_cosine, max_rel_l2),
+            budget=budget,
         )
-    result = quantizer.quantize(
-        loaded,
-        batches,
-        placement=placement,
-        mixed=None
-        if low == "fp32"
-        else fp16.MixedPrecisionOptions(
-            precision=low,
-            keep_io_types=keep_io_types,
-            max_abs=max_abs,
-            max_reduction=max_reduction,
-            keep_fp32_nodes=keep_fp32_nodes,
-            keep_fp32_ops=_names(keep_fp32_ops),
-        ),
-        calibration=CalibrationOptions(
-            method=method,
-            percentile=percentile,
-            max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
-            providers=providers,
-            progress=progress,
-        ),
-        stats=stats_given,
-        cache=cache_given,
-        frozen=frozen,
-        fidelity=FidelityOptions(verify_samples, min_cosine, max_rel_l2),
-        budget=budget,
-    )
     result.report = {
         "model": model_path,
         "output": None if output is None else str(output),
@@ -274,6 +308,7 @@ def calibrate(
     providers: Sequence[str] | None = None,
     trt_version: str = DEFAULT_TRT_VERSION,
     progress: bool = False,
+    ray: str | bool | None = None,
 ) -> CalibrationStats:
     """Activation statistics for :func:`quantize` with the same options (``trtq calibrate``).
 
@@ -290,6 +325,11 @@ def calibrate(
     cannot claim). ``tensors="all"`` (the default with ``cache``) observes those tensors
     without writing a cache, e.g. on a ``shard`` ("K/N") merged later. Nothing is written
     when anything fails.
+
+    ``ray`` calibrates on a Ray cluster instead of a ``shard`` run by hand (``pip install
+    'trtq[ray]'``): True for a local instance, or an address as Ray takes it (``"auto"``,
+    ``"ray://HOST:10001"``). Workers read the data from its path; the statistics are
+    bit-identical to calibrating here (:mod:`trtq.calib.ray_backend`).
     """
     _check_choice("method", method, METHODS)
     _check_choice("precision", precision, qdq.PRECISIONS)
@@ -300,6 +340,9 @@ def calibrate(
     _check_bins(bins)
     _check_regex("exclude_nodes", exclude_nodes)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
+    backend = collector_for(ray)
+    if ray not in (None, False) and shard is not None:
+        raise UserError("shard with ray", "drop the shard: Ray shards the data itself")
     if cache is not None:
         trt_version_int(trt_version)  # a bad version fails before the data is read
         if shard is not None:
@@ -327,26 +370,28 @@ def calibrate(
         limit=limit,
         preprocess=preprocess,
     )
-    stats = calibrate_model(
-        loaded,
-        batches,
-        placement=qdq.PlacementOptions(
-            precision=precision,
-            include_ops=_names(include_ops),
-            exclude_ops=_names(exclude_ops),
-            exclude_nodes=exclude_nodes,
-            min_channels=min_channels,
-        ),
-        frozen=frozen,
-        tensors=tensors,
-        method=method,
-        percentile=percentile,
-        bins=bins,
-        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
-        providers=providers,
-        shard=shard,
-        progress=progress,
-    )
+    with backend as collector:
+        stats = calibrate_model(
+            loaded,
+            batches,
+            placement=qdq.PlacementOptions(
+                precision=precision,
+                include_ops=_names(include_ops),
+                exclude_ops=_names(exclude_ops),
+                exclude_nodes=exclude_nodes,
+                min_channels=min_channels,
+            ),
+            frozen=frozen,
+            tensors=tensors,
+            method=method,
+            percentile=percentile,
+            bins=bins,
+            max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+            providers=providers,
+            shard=shard,
+            progress=progress,
+            collector=collector,
+        )
     for found in stats.ranges.values():
         if not found.quantizable:
             log.warning("%s: not quantizable: %s", found.name, found.reason)
@@ -371,6 +416,7 @@ def _stats_for_cache(
     max_memory: int | str | None,
     providers: Sequence[str] | None,
     progress: bool,
+    collector: Collector | None,
 ) -> CalibrationStats:
     """quantize writing a TensorRT cache: calibrate as ``trtq calibrate --cache`` would."""
     if placement is None:
@@ -391,11 +437,12 @@ def _stats_for_cache(
         batches,
         placement=placement,
         tensors="all",
-        method=method,
+        method=histogram_method(method),
         percentile=percentile,
         max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
         providers=providers,
         progress=progress,
+        collector=collector,
     )
 
 

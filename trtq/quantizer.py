@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,9 +29,11 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from trtq import __version__
+from trtq.calib import bias_correction, range_search
+from trtq.calib.bias_correction import BiasCorrector
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.calibrate import calibrate, choose_ranges
-from trtq.calib.collect import Batch, observe_shapes, peek
+from trtq.calib.collect import Batch, Collector, observe_shapes, peek
 from trtq.calib.ranges import DEFAULT_METHOD, TensorRange
 from trtq.calib.scope import (
     CalibrationScope,
@@ -43,6 +45,7 @@ from trtq.calib.scope import (
 )
 from trtq.errors import ModelError, UserError
 from trtq.graph import coverage, fp16, invariants, qdq
+from trtq.graph.equalize import equalize
 from trtq.graph.inspect import summarize
 from trtq.graph.load import check_model
 from trtq.graph.normalize import infer_shapes, upgrade_opset
@@ -60,6 +63,11 @@ log = logging.getLogger(__name__)
 BF16_MIN_OPSET = 22
 
 
+#: Weight algorithms on by default only where bench/weight_algorithms.py measured a gain.
+DEFAULT_EQUALIZE = False
+DEFAULT_BIAS_CORRECTION = False
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     method: str = DEFAULT_METHOD
@@ -67,6 +75,12 @@ class CalibrationOptions:
     max_memory: int | None = None
     providers: Sequence[str] | None = None
     progress: bool = True
+    #: What observes the activations (None: this process; see trtq.calib.ray_backend).
+    collector: Collector | None = None
+    #: Cross-layer equalization of Conv -> Conv chains before calibration (graph.equalize).
+    equalize: bool = DEFAULT_EQUALIZE
+    #: Each quantized layer's mean output shift folded into its bias (calib.bias_correction).
+    bias_correction: bool = DEFAULT_BIAS_CORRECTION
 
 
 @dataclass
@@ -104,6 +118,12 @@ class Prepared:
     mixed: fp16.MixedPrecisionOptions | None
     #: The first samples of the data, kept for the check after writing (None: not asked).
     kept: SampleKeeper | None = None
+    #: ``--method auto``: how each range was chosen by output error (range_search.SearchResult).
+    range_search: dict | None = None
+    #: What cross-layer equalization did (None: not asked).
+    equalization: dict | None = None
+    #: Calibration samples bias correction measures on (None: not asked, or no data).
+    bias_samples: SampleKeeper | None = None
 
 
 def quantize(
@@ -173,6 +193,10 @@ def quantize(
     search = budget.search(prepared, evaluation) if budget and evaluation else None
     if search is not None:
         plan = search.plan
+    corrector = None
+    if prepared.bias_samples is not None:
+        samples = prepared.bias_samples.samples()
+        corrector = BiasCorrector(model, samples, calibration.providers)
     result, precision_plan = lower(
         model,
         plan,
@@ -181,6 +205,7 @@ def quantize(
         mixed,
         fp16_limits(stats),
         prepared.example,
+        correct=corrector,
     )
     check_model(result, full=True)
     invariants.verify_written(result, {d.name for d in plan.decisions if d.quantized})
@@ -193,6 +218,12 @@ def quantize(
         report["mixed_precision"] = _mixed_report(
             mixed, precision_plan, node_macs, plan, ranges, stats
         )
+    if prepared.range_search is not None:
+        report["range_search"] = prepared.range_search
+    if prepared.equalization is not None:
+        report["equalization"] = prepared.equalization
+    if corrector is not None and corrector.record is not None:
+        report["bias_correction"] = corrector.record.to_json()
     if search is not None:
         report["fallback"] = search.to_json()
     report["verification"] = verification.to_json()
@@ -220,17 +251,31 @@ def prepare(
     """
     _refuse_quantized(model)
     check_model(model)
+    # --method auto: histograms and start ranges by its start method, then the search.
+    searching = calibration.method == range_search.AUTO and placement is not None
+    calibration = replace(calibration, method=range_search.histogram_method(calibration.method))
     # Reused ranges are validated, and checked against this model and placement, first.
     check_reused(model, stats, cache, placement=placement, frozen=frozen, method=calibration.method)
     fresh_stats = stats is None and cache is None
     fingerprint = model_fingerprint(model) if fresh_stats else None
     # The same graph `trtq calibrate` plans on, so both observe the same tensors.
     model = planning_graph(model, placement, frozen, mixed=mixed is not None)
+    equalization = None
+    if calibration.equalize and placement is not None:
+        model, equalization = _equalized(model, fresh_stats)
     if mixed is not None and mixed.precision == "bf16":
         model = _upgrade_for_bf16(model)
     kept = SampleKeeper(batches, keep, model) if batches is not None and keep else None
     if kept is not None:
         batches = kept.stream()
+    sampled = None
+    if searching and batches is not None:
+        sampled = SampleKeeper(batches, range_search.DEFAULT_SAMPLES, model)
+        batches = sampled.stream()
+    bias_samples = None
+    if calibration.bias_correction and placement is not None and batches is not None:
+        bias_samples = SampleKeeper(batches, bias_correction.DEFAULT_SAMPLES, model)
+        batches = bias_samples.stream()
     example, batches = peek(batches) if batches is not None else (None, None)
     shapes = Shapes(model, example, per_sample=True, observed=_observed(model, example))
     node_macs = {node.name: macs(node, shapes) for node in all_nodes(model.graph)}
@@ -253,7 +298,35 @@ def prepare(
         plan = plan.with_ranges(ranges, graph)
         histograms = stats.histograms if stats is not None else None
         ranges = plan.shared_ranges(ranges, histograms, calibration.method, calibration.percentile)
-    return Prepared(model, graph, plan, ranges, stats, node_macs, example, placement, mixed, kept)
+    searched = None
+    if searching:
+        searched = range_search.search(
+            model,
+            plan,
+            ranges,
+            stats.histograms if stats is not None else None,
+            sampled.samples() if sampled is not None else [],
+            precision=placement.precision,
+            percentile=calibration.percentile,
+            start_method=calibration.method,
+            providers=calibration.providers,
+        )
+        ranges = searched.ranges
+    return Prepared(
+        model,
+        graph,
+        plan,
+        ranges,
+        stats,
+        node_macs,
+        example,
+        placement,
+        mixed,
+        kept,
+        searched.to_json() if searched is not None else None,
+        equalization,
+        bias_samples,
+    )
 
 
 def lower(
@@ -264,16 +337,22 @@ def lower(
     mixed: fp16.MixedPrecisionOptions | None,
     fp16_amax: Mapping[str, float],
     example: Batch | None,
+    *,
+    correct: BiasCorrector | None = None,
 ) -> tuple[onnx.ModelProto, fp16.PrecisionPlan | None]:
     """Stages 4-5 of :func:`quantize`: the Q/DQ pairs of ``plan``, then FP16/BF16 per ``mixed``.
 
     ``precision`` None inserts no Q/DQ. A fidelity search (:mod:`trtq.tune`) builds each
     candidate with this function, so the model it settles on is the model written.
+    ``correct`` folds each quantized layer's mean output shift into its bias, measured on
+    the Q/DQ graph before any FP16 conversion.
     """
     if precision is not None:
         # Scales are chosen among FP16/BF16 numbers when the model is converted next.
         low = fp16.low_dtype(mixed.precision) if mixed is not None else None
         result = qdq.insert(model, plan, ranges, precision, scale_dtype=low)
+        if correct is not None:
+            result = correct(result, plan)
     else:
         result = onnx.ModelProto()
         result.CopyFrom(model)  # fp16.convert rewrites in place; model stays the reference
@@ -283,6 +362,18 @@ def lower(
         precision_plan = fp16.plan_precision(result, mixed, fp16_amax, Shapes(result, example))
         result = infer_shapes(fp16.convert(result, precision_plan, mixed))
     return result, precision_plan
+
+
+def _equalized(model: onnx.ModelProto, fresh: bool) -> tuple[onnx.ModelProto, dict]:
+    """Cross-layer equalization (:mod:`trtq.graph.equalize`), before calibration observes."""
+    if not fresh:
+        raise UserError(
+            "cross-layer equalization changes the activations that reused ranges "
+            "(--stats/--cache) were observed on",
+            "drop --equalize, or calibrate here with --calib",
+        )
+    model, record = equalize(model)
+    return model, record.to_json()
 
 
 def fp16_limits(stats: CalibrationStats | None) -> dict[str, float]:
@@ -382,6 +473,7 @@ def _ranges(
             max_memory=options.max_memory,
             providers=options.providers,
             progress=options.progress,
+            collector=options.collector,
         )
     else:
         _require_all([t for t in tensors if t not in stats.histograms], "the stats file", "--stats")
@@ -426,6 +518,10 @@ def build_report(
         ],
         # Tensors joined by range-preserving ops (MaxPool, Reshape, Concat...): one scale each.
         "range_groups": [list(group) for group in plan.range_groups],
+        # Concats of unlike quantities (boxes in pixels next to probabilities): no shared scale.
+        "separate_scales": [
+            {"node": name, "reason": why} for name, why in plan.separate_scales.items()
+        ],
         "quantized_nodes": [d.to_json() for d in plan.decisions if d.quantized],
         "float_nodes": [
             {"name": d.name, "op": d.op, "macs": d.macs, "reason": d.reason}

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from trtq.calib.cache import ALGORITHMS, CalibrationStats, TrtCache, merge_stats
-from trtq.calib.collect import Batch, Shard, collect
+from trtq.calib.collect import Batch, Collector, Shard, collect
 from trtq.calib.histogram import DEFAULT_BINS
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS, TensorRange, compute_range
 from trtq.calib.scope import (
@@ -68,15 +68,17 @@ def calibrate(
     progress: bool = True,
     fingerprint: str | None = None,
     scope: CalibrationScope | None = None,
+    collector: Collector | None = None,
 ) -> CalibrationStats:
     """Histograms of ``tensors`` of ``model`` and, unless sharded, ranges.
 
     ``model`` should already be normalised (:func:`trtq.calib.scope.planning_graph`);
     ``tensors`` defaults to the default quantize plan's. ``fingerprint`` (default: of
-    ``model``) and ``scope`` are recorded in the statistics.
+    ``model``) and ``scope`` are recorded in the statistics. ``collector`` observes the
+    activations (default: :func:`~trtq.calib.collect.collect`, in this process).
     """
     targets = list(tensors) if tensors is not None else plan_tensors(model, qdq.PlacementOptions())
-    collection = collect(
+    collection = (collector or collect)(
         model,
         targets,
         batches,
@@ -118,6 +120,7 @@ def calibrate_model(
     providers: Sequence[str] | None = None,
     shard: Shard | None = None,
     progress: bool = True,
+    collector: Collector | None = None,
 ) -> CalibrationStats:
     """The statistics ``trtq quantize`` needs for ``placement`` (and ``frozen``) on ``model``.
 
@@ -126,6 +129,7 @@ def calibrate_model(
     TensorRT cache (:func:`trt_cache`) and FP16 decisions need. The tensors of the model
     as given are observed on it, in the same pass as the plan's tensors; only tensors
     that exist in the normalised graph alone take a second pass over the data.
+    ``collector`` observes the activations (default: in this process).
     """
     placement = placement or qdq.PlacementOptions()
     if tensors not in TENSOR_SETS:
@@ -159,8 +163,9 @@ def calibrate_model(
         "shard": shard,
         "progress": progress,
     }
+    collect_on = collector or collect
     if as_given is None:
-        collection = collect(graph, targets, batches, **options)
+        collection = collect_on(graph, targets, batches, **options)
         histograms = collection.histograms
     else:
         given = infer_shapes(model)
@@ -174,10 +179,10 @@ def calibrate_model(
                 "only once",
                 "pass a file or folder (or a loader whose load_data() can be called again)",
             )
-        collection = collect(given, on_given, batches, **options)
+        collection = collect_on(given, on_given, batches, **options)
         histograms = collection.histograms
         if normalised_only:
-            histograms.update(collect(graph, normalised_only, batches, **options).histograms)
+            histograms.update(collect_on(graph, normalised_only, batches, **options).histograms)
     stats = CalibrationStats(
         histograms=histograms,
         num_samples=collection.num_samples,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +65,11 @@ class Shard:
         return batch_index % self.count == self.index - 1
 
 
+#: What observes the activations: :func:`collect` here, or the same call on a Ray cluster
+#: (:class:`trtq.calib.ray_backend.RayCalibration`); same arguments, same result.
+Collector = Callable[..., Collection]
+
+
 def peek(batches: Iterable[Batch]) -> tuple[Batch | None, Iterable[Batch]]:
     """The first batch, and batches to iterate that still include it.
 
@@ -103,7 +108,6 @@ def collect(
 ) -> Collection:
     """Histograms of ``tensors`` over every batch (of this shard), in bounded memory."""
     input_names = {v.name for v in model.graph.input}
-    inputs = model_inputs(model)
     outputs = [t for t in tensors if t not in input_names]
     example, batches = peek(batches)
     groups = plan_groups(model, outputs, example, max_memory)
@@ -124,21 +128,19 @@ def collect(
         leave=False,
     ) as bar:
         for group_index, group in enumerate(groups or [[]]):
-            session = _session(model, group, providers) if group else None
-            first_pass = group_index == 0
-            for batch_index, batch in enumerate(batches):
-                bar.update(1)
-                if shard and not shard.owns(batch_index):
-                    continue
-                if first_pass:
-                    num_batches += 1
-                    num_samples += samples_in(batch, inputs)
-                    for name in input_names & histograms.keys():
-                        histograms[name].update(batch[name])
-                if session is not None:
-                    feeds = {name: batch[name] for name in _session_inputs(session)}
-                    for name, value in zip(group, session.run(group, feeds), strict=True):
-                        histograms[name].update(value)
+            session = observing_session(model, group, providers) if group else None
+            seen = observe(
+                model,
+                session,
+                group,
+                batches,
+                histograms,
+                first_pass=group_index == 0,
+                shard=shard,
+                bar=bar,
+            )
+            if group_index == 0:
+                num_batches, num_samples = seen
     if num_batches == 0:
         raise UserError("no calibration batches were read", "check the data source and --shard")
     log.info(
@@ -150,6 +152,45 @@ def collect(
         "" if len(groups) <= 1 else "es",
     )
     return Collection(histograms, num_batches, num_samples, max(len(groups), 1))
+
+
+def observe(
+    model: onnx.ModelProto,
+    session: ort.InferenceSession | None,
+    group: Sequence[str],
+    batches: Iterable[Batch],
+    histograms: Mapping[str, Histogram],
+    *,
+    first_pass: bool,
+    shard: Shard | None = None,
+    bar: tqdm | None = None,
+) -> tuple[int, int]:
+    """One pass over ``batches``: fold ``group``'s activations into ``histograms``.
+
+    ``session`` (from :func:`observing_session`) outputs exactly ``group``. The first pass
+    over the data also folds the model inputs among ``histograms`` and counts what it read:
+    it returns (batches, samples) of this shard, (0, 0) on later passes. One function for
+    the single process and for Ray workers (:mod:`trtq.calib.ray_worker`), so both fold
+    the same values the same way.
+    """
+    input_names = {v.name for v in model.graph.input} & histograms.keys()
+    inputs = model_inputs(model)
+    num_batches = num_samples = 0
+    for batch_index, batch in enumerate(batches):
+        if bar is not None:
+            bar.update(1)
+        if shard and not shard.owns(batch_index):
+            continue
+        if first_pass:
+            num_batches += 1
+            num_samples += samples_in(batch, inputs)
+            for name in input_names:
+                histograms[name].update(batch[name])
+        if session is not None:
+            feeds = {name: batch[name] for name in _session_inputs(session)}
+            for name, value in zip(group, session.run(group, feeds), strict=True):
+                histograms[name].update(value)
+    return num_batches, num_samples
 
 
 def plan_groups(
@@ -207,7 +248,7 @@ def observe_shapes(
     outputs = [t for t in dict.fromkeys(tensors) if t and t not in graph_inputs]
     if not outputs:
         return {}
-    session = _session(model, outputs, providers)
+    session = observing_session(model, outputs, providers)
     feeds = first_samples({name: example[name] for name in _session_inputs(session)}, 1, model)
     values = session.run(outputs, feeds)
     return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(outputs, values, strict=True)}
@@ -246,10 +287,18 @@ def first_samples(batch: Batch, keep: int, model: onnx.ModelProto) -> dict[str, 
     }
 
 
-def _session(
-    model: onnx.ModelProto, outputs: Sequence[str], providers: Sequence[str] | None
+def observing_session(
+    model: onnx.ModelProto,
+    outputs: Sequence[str],
+    providers: Sequence[str] | None,
+    *,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
-    """An ONNX Runtime session whose graph outputs are exactly ``outputs``."""
+    """An ONNX Runtime session whose graph outputs are exactly ``outputs``.
+
+    ``threads`` caps ONNX Runtime's intra-op threads (a Ray worker uses the CPUs it
+    reserved); the values observed do not depend on it.
+    """
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     types = {v.name: v.type for v in (*model.graph.value_info, *model.graph.output)}
@@ -262,7 +311,7 @@ def _session(
             value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         exposed.graph.output.append(value)
     # Calibration observes the FP32 graph: full optimisations, and memory given back.
-    return open_session(exposed, providers, fake_quant=False, memory_arena=False)
+    return open_session(exposed, providers, fake_quant=False, memory_arena=False, threads=threads)
 
 
 def _session_inputs(session: ort.InferenceSession) -> list[str]:

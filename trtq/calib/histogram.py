@@ -42,6 +42,12 @@ class Histogram:
     max: float = -math.inf
     nan_count: int = 0
     sentinel_count: int = 0
+    #: Sum of each update's largest |x|, and the number of updates (one per calibration batch):
+    #: their ratio is the "mean of per-batch max" range candidate of the range search
+    #: (:mod:`trtq.calib.range_search`). Free to keep (the batch max is computed anyway); not
+    #: part of the statistics file nor of equality (sums of floats depend on merge order).
+    batch_max_sum: float = field(default=0.0, compare=False)
+    batch_updates: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         bins = len(self.counts)
@@ -87,6 +93,8 @@ class Histogram:
             low, high = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, low), max(self.max, high)
         self.count += int(x.size)
+        self.batch_max_sum += max(-low, high)
+        self.batch_updates += 1
         self._grow_to(max(-low, high))
         # Bin index = floor(|x| * 2**k): exact, multiplying by a power of two only changes
         # the exponent. Done in place on the |x| buffer: calibration spends most of its
@@ -127,6 +135,8 @@ class Histogram:
         merged.min, merged.max = min(self.min, other.min), max(self.max, other.max)
         merged.nan_count = self.nan_count + other.nan_count
         merged.sentinel_count = self.sentinel_count + other.sentinel_count
+        merged.batch_max_sum = self.batch_max_sum + other.batch_max_sum
+        merged.batch_updates = self.batch_updates + other.batch_updates
         return merged
 
     def to_json(self) -> dict:

@@ -135,6 +135,7 @@ _PATH_FLAGS = {
     "plugins": Role.INPUT,
     "report_json": Role.INPUT,
     "compare": Role.INPUT,
+    "sensitivity": Role.INPUT,
     "output": Role.OUTPUT,
     "report": Role.OUTPUT,
     "html": Role.OUTPUT,

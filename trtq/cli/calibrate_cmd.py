@@ -22,6 +22,7 @@ from trtq.cli.common import (
     add_export_loader_argument,
     add_freeze_argument,
     add_placement_arguments,
+    add_ray_argument,
     export_loader,
     image_preprocess,
     parse_frozen,
@@ -119,6 +120,7 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("--shard", type=flagtypes.shard, help="calibrate only shard K of N: K/N")
     parser.add_argument("--merge", nargs="+", metavar="STATS", help="merge shard stats files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_argument(parser)
     add_placement_arguments(parser)
     add_freeze_argument(parser)
     add_data_arguments(parser)
@@ -166,12 +168,13 @@ def _calibrate(args: argparse.Namespace) -> CalibrationStats:
         providers=args.providers.split(",") if args.providers else None,
         trt_version=args.trt_version,
         progress=not args.no_progress,
+        ray=args.ray,
     )
 
 
 def _merge(args: argparse.Namespace) -> CalibrationStats:
-    if args.model or args.calib or args.shard:
-        raise UserError("--merge takes only stats files", "drop MODEL, --calib and --shard")
+    if args.model or args.calib or args.shard or args.ray:
+        raise UserError("--merge takes only stats files", "drop MODEL, --calib, --shard and --ray")
     if args.export_loader:  # polygraphy interop: a merge reads no data to export
         raise UserError("--export-loader needs --calib DATA", "pass it when calibrating")
     stats = merge_files(args.merge, method=args.method, percentile=args.percentile)

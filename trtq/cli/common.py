@@ -151,6 +151,21 @@ def export_loader(args: argparse.Namespace, source: str | None, inputs, purpose:
     )
 
 
+def add_ray_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``: calibrate on a Ray cluster (trtq calibrate, trtq quantize)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        type=flagtypes.ray_address,
+        metavar="ADDRESS",
+        help="calibrate on a Ray cluster, bit-identical to one process: ADDRESS as Ray takes "
+        "it (auto, ray://HOST:10001, HOST:6379), or none to start a local instance; workers "
+        "read --calib from the same path (pip install 'trtq[ray]'; README: 'Calibrating on a "
+        "Ray cluster')",
+    )
+
+
 def add_freeze_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--freeze-input",

@@ -141,6 +141,13 @@ def shard(text: str) -> Shard:
     return _through(Shard.parse, text)
 
 
+def ray_address(text: str) -> str:
+    """A Ray address: ``auto``, ``local``, ``ray://HOST:PORT`` or ``HOST:PORT`` (not contacted)."""
+    from trtq.calib.ray_backend import parse_address
+
+    return _through(parse_address, text)
+
+
 def shapes(text: str) -> str:
     """trtexec's ``name:1x3x224x224[,name2:...]`` syntax (returned as text)."""
     from trtq.runtime.base import parse_shapes

@@ -7,7 +7,8 @@ import json
 import logging
 
 from trtq import api
-from trtq.calib.ranges import DEFAULT_METHOD, METHODS
+from trtq.calib.range_search import QUANTIZE_METHODS
+from trtq.calib.ranges import DEFAULT_METHOD
 from trtq.cli import flagtypes
 from trtq.cli.common import (
     add_command,
@@ -16,6 +17,7 @@ from trtq.cli.common import (
     add_export_loader_argument,
     add_freeze_argument,
     add_placement_arguments,
+    add_ray_argument,
     export_loader,
     image_preprocess,
     parse_frozen,
@@ -71,7 +73,13 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument("model", help="FP32 ONNX model")
     parser.add_argument("-o", "--output", required=True, help="quantized ONNX model to write")
     parser.add_argument("--calib", help="calibration data (see the README's data formats)")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="range algorithm")
+    parser.add_argument(
+        "--method",
+        choices=QUANTIZE_METHODS,
+        default=DEFAULT_METHOD,
+        help="range algorithm; auto: per tensor, the method's range that gives the outputs the "
+        "smallest error vs FP32 on a few calibration samples",
+    )
     parser.add_argument(
         "--percentile",
         type=flagtypes.percentile,
@@ -138,6 +146,7 @@ def add_parser(subparsers, parents) -> None:
         help="ONNX Runtime providers for calibration (default cpu)",
     )
     calib.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_argument(calib)
     check = parser.add_argument_group("fidelity check (vs FP32, after writing)")
     check.add_argument(
         "--min-cosine",
@@ -156,7 +165,8 @@ def add_parser(subparsers, parents) -> None:
         type=flagtypes.count,
         default=DEFAULT_SAMPLES,
         metavar="N",
-        help="samples of the --calib data the check runs on",
+        help="samples of the --calib data the check runs on (with a --target-*: the "
+        "evaluation samples instead)",
     )
     target = parser.add_argument_group(
         "fidelity target (nodes move to --high-precision until it holds)"
@@ -233,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
             labels=args.labels,
             label_output=args.label_output,
             workers=args.workers,
+            ray=args.ray,
         )
     except GateFailedError as exc:
         if isinstance(exc.result, Search):  # the target is out of reach: nothing was written

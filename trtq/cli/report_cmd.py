@@ -15,12 +15,14 @@ EPILOG = """\
 examples:
   trtq report out/mnist_cnn.int8.json -o out/mnist_cnn.int8.html
   trtq report report.json --stats stats.json --compare compare.json -o report.html
+  trtq report report.json --sensitivity sensitivity.json -o report.html
 
 The page holds everything it shows (no network, no fonts or scripts fetched): the summary
 (coverage by MACs and by op type, gates), each quantized tensor's |x| histogram with the
 thresholds of max, percentile, mse and entropy and the chosen one, the nodes left in float
-by reason, FP16/BF16 islands, sensitivity and fallback steps when the report has them, and
-FP32 against the quantized model per output.
+by reason, FP16/BF16 islands, the harm per node (--sensitivity, or the ranking of a
+quantize --target-* search) and the search's steps, and FP32 against the quantized model
+per output.
 
 The histograms come from the stats file: --stats, else the one the report names (quantize
 --stats FILE records it). --compare takes the output of `trtq compare ... --json`."""
@@ -48,6 +50,9 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument(
         "--compare", help="output of trtq compare --json: FP32 against the quantized model"
     )
+    parser.add_argument(
+        "--sensitivity", help="output of trtq sensitivity --report: the harm of each node"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         log.warning("no histograms in the page: %s", missing)
     comparisons = [html.read_comparison(args.compare)] if args.compare else []
-    html.write(args.output, report, stats, comparisons, stats_note=missing)
+    sensitivity = html.read_sensitivity(args.sensitivity) if args.sensitivity else None
+    html.write(args.output, report, stats, comparisons, sensitivity=sensitivity, stats_note=missing)
     print(f"wrote {args.output}")
     return 0

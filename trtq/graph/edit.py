@@ -217,6 +217,7 @@ class GraphEditor:
         """Append a node named fresh from ``name``; ``outputs`` must already be allocated."""
         node = helper.make_node(op, inputs, outputs, name=self.names.fresh(name), **attrs)
         self.graph.node.append(node)
+        node = self.graph.node[-1]  # append copies: return (and remember) the graph's own node
         for out in outputs:
             self._producers[out] = node
         return node

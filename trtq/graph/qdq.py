@@ -14,7 +14,10 @@ So the rules here are TensorRT's fusion rules (ARCHITECTURE.md §Fusion rules):
   stays INT8 through it;
 * quantized tensors joined by range-preserving ops (MaxPool, Reshape, Transpose,
   Flatten, Squeeze/Unsqueeze, Slice, Pad, and Concat of quantized inputs) form a
-  *range group* and share one scale: no requantization across them;
+  *range group* and share one scale: no requantization across them; except a Concat of
+  unlike quantities (observed ranges more than :data:`MIXED_SCALE_RATIO` apart, such as a
+  detector's box coordinates in pixels next to its class probabilities), whose inputs
+  keep their own scales (:func:`mixed_scale_concats`);
 * one Q/DQ pair per tensor, shared by every quantized consumer.
 
 Placement happens in two steps. :func:`plan` decides from the graph alone which
@@ -60,6 +63,9 @@ _FORWARD = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
 RANGE_PRESERVING_OPS = frozenset(
     {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
+#: Concat inputs whose ranges differ by more than this keep their own scales: a shared one
+#: would leave the small input fewer than 127 / 16 = 8 levels (4 of INT8's 7 bits lost).
+MIXED_SCALE_RATIO = 16.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,8 @@ class QuantPlan:
     #: Quantized tensors joined by range-preserving ops (MaxPool, Reshape, Concat...): each
     #: group gets one range, so TensorRT needs no requantization between its members.
     range_groups: list[tuple[str, ...]] = field(default_factory=list)
+    #: Concat nodes whose quantized inputs keep their own scales, and why (mixed scales).
+    separate_scales: dict[str, str] = field(default_factory=dict)
 
     def activations(self) -> list[str]:
         """Every tensor that gets a Q/DQ pair, in graph order, once: what calibration observes."""
@@ -211,7 +219,7 @@ def _refitted(
         for t, use in fusion_tensors(graph, quantized).items()
         if t in ranges and ranges[t].quantizable
     }
-    return _with_groups(QuantPlan(decisions, fusion), graph)
+    return _with_groups(QuantPlan(decisions, fusion), graph, ranges)
 
 
 def plan(graph: gs.Graph, macs: Mapping[str, int], options: PlacementOptions) -> QuantPlan:
@@ -229,18 +237,62 @@ def plan(graph: gs.Graph, macs: Mapping[str, int], options: PlacementOptions) ->
     return _with_groups(QuantPlan(decisions, fusion_tensors(graph, quantized)), graph)
 
 
-def _with_groups(plan: QuantPlan, graph: gs.Graph) -> QuantPlan:
-    return replace(plan, range_groups=range_groups(graph, plan.activations()))
+def _with_groups(
+    plan: QuantPlan, graph: gs.Graph, ranges: Mapping[str, TensorRange] | None = None
+) -> QuantPlan:
+    """``plan`` with its range groups; with ``ranges`` (after calibration), Concats of unlike
+    quantities are kept out of them."""
+    quantized = plan.activations()
+    apart = mixed_scale_concats(graph, quantized, ranges) if ranges is not None else {}
+    groups = range_groups(graph, quantized, apart)
+    return replace(plan, range_groups=groups, separate_scales=apart)
 
 
-def range_groups(graph: gs.Graph, quantized: list[str]) -> list[tuple[str, ...]]:
+def mixed_scale_concats(
+    graph: gs.Graph, quantized: list[str], ranges: Mapping[str, TensorRange]
+) -> dict[str, str]:
+    """Concats whose quantized inputs hold unlike quantities: {node name: reason}.
+
+    A detector head concatenates box coordinates in pixels (0..640) with class
+    probabilities (0..1); one scale for both would be 640/127 = 5 per step, and every
+    probability would quantize to 0. When the observed ranges of a Concat's inputs differ
+    by more than :data:`MIXED_SCALE_RATIO`, its inputs keep their own Q/DQ scales instead
+    of joining a range group: TensorRT then requantizes at the Concat (a small cost), and
+    neither input loses resolution.
+    """
+    members = set(quantized)
+    found: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "Concat":
+            continue
+        data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+        if len(data) < 2 or not all(t.name in members and t.name in ranges for t in data):
+            continue
+        small = min(data, key=lambda t: ranges[t.name].amax)
+        large = max(data, key=lambda t: ranges[t.name].amax)
+        ratio = ranges[large.name].amax / ranges[small.name].amax
+        if ratio > MIXED_SCALE_RATIO:
+            found[node.name] = (
+                f"inputs of unlike scale: {small.name} (amax {ranges[small.name].amax:.4g}) and "
+                f"{large.name} (amax {ranges[large.name].amax:.4g}) differ {ratio:.0f}x, more "
+                f"than {MIXED_SCALE_RATIO:g}x; one shared scale would leave {small.name} "
+                f"{127 / ratio:.1f} of 127 levels, so each input keeps its own scale "
+                "(TensorRT requantizes at the Concat)"
+            )
+    return found
+
+
+def range_groups(
+    graph: gs.Graph, quantized: list[str], apart: Collection[str] = ()
+) -> list[tuple[str, ...]]:
     """Quantized tensors that must share one range: joined through range-preserving ops.
 
     MaxPool, Reshape, Transpose, Flatten, Squeeze/Unsqueeze, Slice and Pad pass values
     through unchanged (a subset, rearranged, or padded), and TensorRT runs them in INT8
     between Q/DQ pairs only when the scales on both sides agree; different scales force a
     requantization. A Concat joins its inputs and output only when every input is
-    quantized: TensorRT eliminates the concatenation when all inputs share one scale.
+    quantized: TensorRT eliminates the concatenation when all inputs share one scale; the
+    Concats named in ``apart`` (:func:`mixed_scale_concats`) join nothing.
     Groups (two tensors or more) keep the order of ``quantized``.
     """
     members = set(quantized)
@@ -262,7 +314,9 @@ def range_groups(graph: gs.Graph, quantized: list[str]) -> list[tuple[str, ...]]
             continue
         if node.op in RANGE_PRESERVING_OPS and node.inputs[0] is data[0]:
             join(data[0].name, node.outputs[0].name)
-        elif node.op == "Concat" and all(t.name in members for t in data):
+        elif (
+            node.op == "Concat" and node.name not in apart and all(t.name in members for t in data)
+        ):
             for tensor in data:
                 join(tensor.name, node.outputs[0].name)
     groups: dict[str, list[str]] = {}

@@ -1,1 +1,1 @@
-"""Reports: fidelity metrics (accuracy, agreement) shared by the CLI and the demo."""
+"""Reports: fidelity metrics and comparisons, the check after writing, and the HTML report."""

@@ -54,11 +54,13 @@ def render(
     stats: CalibrationStats | None = None,
     comparisons: Sequence[Comparison] = (),
     *,
+    sensitivity: Mapping[str, Any] | None = None,
     stats_note: str | None = None,
 ) -> str:
-    """The page for ``report`` (a quantize report), with ``stats``' histograms and
-    ``comparisons`` (FP32 against the quantized model on other data)."""
-    data = page_data(report, stats, comparisons, stats_note=stats_note)
+    """The page for ``report`` (a quantize report), with ``stats``' histograms,
+    ``comparisons`` (FP32 against the quantized model on other data) and ``sensitivity``
+    (``trtq sensitivity --report`` output)."""
+    data = page_data(report, stats, comparisons, sensitivity=sensitivity, stats_note=stats_note)
     script = _asset("report.js")
     values = {
         "title": html.escape(f"trtq report: {report.get('model') or 'model in memory'}"),
@@ -77,10 +79,12 @@ def write(
     stats: CalibrationStats | None = None,
     comparisons: Sequence[Comparison] = (),
     *,
+    sensitivity: Mapping[str, Any] | None = None,
     stats_note: str | None = None,
 ) -> None:
-    """Render the page and write it atomically to ``path``."""
-    write_text(path, render(report, stats, comparisons, stats_note=stats_note))
+    """Render the page (see :func:`render`) and write it atomically to ``path``."""
+    page = render(report, stats, comparisons, sensitivity=sensitivity, stats_note=stats_note)
+    write_text(path, page)
 
 
 def embed_json(data: Any) -> str:
@@ -113,6 +117,20 @@ def read_comparison(path: str | Path) -> Comparison:
             f"{path} is not the output of trtq compare --json ({exc})",
             "write it with trtq compare REF CAND --data DATA --json > FILE",
         ) from exc
+
+
+def read_sensitivity(path: str | Path) -> dict:
+    """``trtq sensitivity --report`` output, or a one-line error."""
+    data = _read_json(path, "sensitivity")
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, list) or not all(
+        isinstance(n, dict) and "name" in n and "harm" in n for n in nodes
+    ):
+        raise DataError(
+            f"{path} is not the output of trtq sensitivity",
+            "write it with trtq sensitivity MODEL --calib DATA --report FILE",
+        )
+    return data
 
 
 def stats_for(

@@ -12,8 +12,8 @@ and the command line agree to the last digit:
   for 2048 bins, and a 200-tensor detector must stay a small page);
 * float nodes and FP32 islands with a reason *kind* (the reason with names and numbers
   blanked: "tiny (… output channels): INT8 does not pay below N channels") to filter by;
-* sensitivity and fallback steps, when the report has them, reduced to bars and a table
-  without assuming more of their layout than "records with a name and a number";
+* the harm per node (``trtq sensitivity`` output, or the ranking of the fallback search of
+  ``quantize --target-*``) as bars, and the search's steps with the worst output's figures;
 * per output, FP32 against the quantized model: the check after writing (in every report)
   and any ``trtq compare --json`` results given, each with its |error| histogram.
 
@@ -45,10 +45,6 @@ from trtq.calib.ranges import (
 DISPLAY_BINS = 512
 #: The percentile drawn when the report does not record the one it was made with.
 DEFAULT_PERCENTILE = 99.99
-#: Keys that name the node of a sensitivity record, in order of preference.
-_LABEL_KEYS = ("node", "name", "tensor", "op")
-#: Keys that hold a sensitivity record's harm, in order of preference.
-_HARM_KEYS = ("harm", "score", "sensitivity", "delta", "drop", "loss", "rel_l2", "error")
 #: A token that is a graph name (a path, a snake_case or dotted name), or a plain number.
 _NAME_TOKEN = re.compile(r"[^\s]*[/_:][^\s]*|[^\s]+\.[^\s.]+")
 _NUMBER_TOKEN = re.compile(r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?")
@@ -71,10 +67,12 @@ def page_data(
     stats: CalibrationStats | None = None,
     comparisons: Sequence[Comparison] = (),
     *,
+    sensitivity: Mapping[str, Any] | None = None,
     stats_note: str | None = None,
 ) -> dict:
     """The page's data: ``report`` (the quantize report), its ``stats`` and ``comparisons``.
 
+    ``sensitivity`` is the output of ``trtq sensitivity --report`` for the same model.
     ``stats_note`` says why there are no histograms when ``stats`` is None (the page shows
     it in place of the plots).
     """
@@ -90,8 +88,8 @@ def page_data(
             },
             "float_nodes": _nodes(report.get("float_nodes") or []),
             "islands": _islands(report.get("mixed_precision")),
-            "sensitivity": _sensitivity(report.get("sensitivity")),
-            "fallback": _records_table(report.get("fallback")),
+            "sensitivity": _sensitivity(report, sensitivity),
+            "fallback": _fallback(report.get("fallback")),
             "fidelity": [_comparison(c) for c in (_checked(report), *comparisons) if c],
         }
     )
@@ -262,71 +260,159 @@ def _islands(mixed: Mapping[str, Any] | None) -> dict | None:
     }
 
 
-def _sensitivity(found: Any) -> dict | None:
-    """Bars (label, harm) from whatever record list the report holds, largest harm first."""
-    records = _records(found)
-    if not records:
+def _sensitivity(report: Mapping[str, Any], found: Mapping[str, Any] | None) -> dict | None:
+    """Harm per node: from ``trtq sensitivity`` output when given, else from the ranking the
+    fallback search made (``report["fallback"]["harm"]``), largest first."""
+    if found is not None:
+        nodes = found["nodes"]
+        figures = found.get("all_quantized")
+        return {
+            "title": f"trtq sensitivity on {found.get('data')}",
+            "metric": "harm: the worst output's relative L2 error with only this node in "
+            f"{str(found.get('precision')).upper()}",
+            "bars": _bars([(n["name"], n["harm"]) for n in nodes]),
+            "about": {
+                "precision": f"{found.get('precision')} (others {found.get('high_precision')})",
+                "method": found.get("method"),
+                "every node quantized": _worst_text(figures) if figures else None,
+                "evaluations": f"{found.get('evaluations')} in {found.get('seconds')} s",
+            },
+            "table": _table(
+                [
+                    "node",
+                    "op",
+                    "MACs",
+                    "harm",
+                    "alone: cosine",
+                    "all but: cosine",
+                    "all but: rel L2",
+                ],
+                [
+                    [
+                        n["name"],
+                        n.get("op"),
+                        n.get("macs"),
+                        n["harm"],
+                        *_worst(n.get("alone"))[:1],
+                        *_worst(n.get("all_but")),
+                    ]
+                    for n in nodes
+                ],
+            ),
+        }
+    fallback = report.get("fallback") or {}
+    if not fallback.get("harm"):
         return None
-    label_key = next((k for k in _LABEL_KEYS if k in records[0]), None)
-    harm_key = next((k for k in _HARM_KEYS if _is_number(records[0].get(k))), None)
-    harm_key = harm_key or next((k for k, v in records[0].items() if _is_number(v)), None)
-    if label_key is None or harm_key is None:
-        return {"metric": None, "bars": [], "table": _records_table(records), "about": {}}
-    bars = [
-        {"label": str(r.get(label_key)), "value": r[harm_key]}
-        for r in records
-        if _is_number(r.get(harm_key))
-    ]
-    bars.sort(key=lambda bar: -bar["value"])
     return {
-        "metric": harm_key,
-        "bars": bars,
-        "table": _records_table(records),
-        "about": _scalars(found),
+        "title": "Ranking of the fallback search",
+        "metric": "harm: distance from FP32 with only this node quantized, in shares of what "
+        "the target allows (1 = all of it)",
+        "bars": _bars([(n["node"], n["harm"]) for n in fallback["harm"]]),
+        "about": {},
+        "table": _table(
+            ["node", "MACs", "harm", "harm per million MACs"],
+            [
+                [n["node"], n["macs"], n["harm"], _per_million(n["harm"], n["macs"])]
+                for n in fallback["harm"]
+            ],
+        ),
     }
 
 
-def _records_table(found: Any) -> dict | None:
-    """A table of records: the union of their keys as columns, scalars as cells."""
-    records = _records(found)
-    if not records:
+def _fallback(found: Mapping[str, Any] | None) -> dict | None:
+    """The fallback search (``quantize --target-*``): its target and every step it took."""
+    if not found:
         return None
-    columns: list[str] = []
-    for record in records:
-        columns += [key for key in record if key not in columns]
-    rows = [[_cell(record.get(column)) for column in columns] for record in records]
-    return {"columns": columns, "rows": rows, "about": _scalars(found)}
+    target = found.get("target") or {}
+    wanted = [
+        f"{label} {target[key]:g}"
+        for key, label in (
+            ("min_cosine", "mean cosine >="),
+            ("max_rel_l2", "relative L2 <="),
+            ("max_drop", "accuracy drop (points) <="),
+        )
+        if target.get(key) is not None
+    ]
+    moved = found.get("moved") or []
+    rows = []
+    for number, step in enumerate(found.get("steps") or [], start=1):
+        outcome = "met" if step.get("met") else "missed"
+        if step.get("action") == "restore" and not step.get("kept"):
+            outcome += ", undone"
+        rows.append(
+            [
+                number,
+                step.get("action"),
+                step.get("node"),
+                step.get("op"),
+                step.get("macs"),
+                step.get("precision"),
+                _percent(step.get("coverage")),
+                *_worst(step),
+                outcome,
+            ]
+        )
+    return {
+        "about": {
+            "target": ", ".join(wanted),
+            "judged on": found.get("data"),
+            f"moved to {str(found.get('high_precision')).upper()}": f"{len(moved)} node(s)",
+            "evaluations": f"{found.get('evaluations')} in {found.get('seconds')} s "
+            f"({found.get('workers')} worker(s))",
+        },
+        "table": _table(
+            [
+                "#",
+                "step",
+                "node",
+                "op",
+                "MACs",
+                "precision",
+                "coverage",
+                "cosine",
+                "rel L2",
+                "target",
+            ],
+            rows,
+        ),
+    }
 
 
-def _records(found: Any) -> list[Mapping[str, Any]]:
-    """The list of records in ``found``: itself, its first list of records, or name -> value."""
-    if isinstance(found, list):
-        return [r for r in found if isinstance(r, Mapping)]
-    if not isinstance(found, Mapping):
-        return []
-    for value in found.values():
-        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-            return value
-    if found and all(_is_number(v) for v in found.values()):
-        return [{"name": name, "value": value} for name, value in found.items()]
-    return []
+def _bars(pairs: Sequence[tuple[str, Any]]) -> list[dict]:
+    bars = [{"label": str(label), "value": value} for label, value in pairs if _is_number(value)]
+    return sorted(bars, key=lambda bar: -bar["value"])
 
 
-def _scalars(found: Any) -> dict:
-    """The plain settings beside a record list (metric, samples...), shown above it."""
-    if not isinstance(found, Mapping):
-        return {}
-    return {k: v for k, v in found.items() if isinstance(v, str | int | float | bool)}
+def _worst(score: Mapping[str, Any] | None) -> list[str]:
+    """The worst output's mean cosine and relative L2 of one evaluation, as text."""
+    outputs = (score or {}).get("outputs") or {}
+    cosines = [o.get("cosine_mean") for o in outputs.values()]
+    errors = [o.get("rel_l2") for o in outputs.values()]
+    if not outputs or None in cosines or None in errors:
+        return ["n/a", "n/a"]  # no figures, or NaN in an output
+    return [f"{min(cosines):.6f}", f"{max(errors):.4g}"]
 
 
-def _cell(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, list | tuple):
-        return ", ".join(str(_cell(v)) for v in value)
-    if isinstance(value, Mapping):
-        return "; ".join(f"{k}: {_cell(v)}" for k, v in value.items())
-    return str(value)
+def _worst_text(score: Mapping[str, Any]) -> str:
+    cosine, rel_l2 = _worst(score)
+    return f"worst output: cosine {cosine}, rel L2 {rel_l2}"
+
+
+def _table(labels: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict:
+    """A table for the page: a column is right-aligned when its cells are numbers."""
+    columns = [
+        {"label": label, "num": any(_is_number(row[i]) for row in rows)}
+        for i, label in enumerate(labels)
+    ]
+    return {"columns": columns, "rows": [list(row) for row in rows]}
+
+
+def _percent(value: Any) -> str | None:
+    return f"{value:.1%}" if _is_number(value) else None
+
+
+def _per_million(harm: Any, macs: Any) -> float | None:
+    return harm / macs * 1e6 if _is_number(harm) and _is_number(macs) and macs else None
 
 
 def _is_number(value: Any) -> bool:

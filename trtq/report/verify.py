@@ -146,6 +146,9 @@ class SampleKeeper:
         """The batches, for the calibration (call once)."""
         if isinstance(self._source, Iterator):
             self._stream = self._pass(self._source)
+        elif isinstance(self._source, BatchSource):  # keeps its shards (Ray workers read them)
+            source = self._source
+            self._stream = source.watched(lambda: self._pass(iter(source)))
         else:
             source = self._source
             self._stream = BatchSource(

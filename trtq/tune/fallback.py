@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -125,8 +125,8 @@ class Budget:
     progress: bool = False
 
     def split(
-        self, batches: Sequence[Batch] | None, model: onnx.ModelProto
-    ) -> tuple[Sequence[Batch] | None, Evaluation]:
+        self, batches: Iterable[Batch] | None, model: onnx.ModelProto
+    ) -> tuple[Iterable[Batch] | None, Evaluation]:
         """(the batches calibration may read, the evaluation data)."""
         if self.target.max_drop is not None and self.evaluation.labels is None:
             raise UserError(
@@ -148,7 +148,7 @@ class Step:
     precision: str | None  # the node's precision in the configuration evaluated
     score: ComparisonReport
     met: bool
-    kept: bool  # a restore that breaks the target is undone
+    kept: bool  # False for a restore that broke the target, and was undone
     coverage: float  # share of the MACs quantized in the configuration evaluated
 
     def to_json(self) -> dict:
@@ -202,6 +202,10 @@ class Search:
         }
 
 
+#: ``step(action, node, configuration, score)``: records one evaluation, says if it met the target.
+Record = Callable[[str, "str | None", Configuration, ComparisonReport], bool]
+
+
 class TargetUnreachableError(GateFailedError):
     """Even with every quantized node in high precision the target is missed (exit 3).
 
@@ -219,21 +223,21 @@ def search(prepared: Prepared, evaluation: Evaluation, budget: Budget) -> Search
     total_macs = sum(d.macs for d in plan.decisions)
     quantized_macs = sum(d.macs for d in nodes.values())
     high = prepared.mixed.precision if prepared.mixed is not None else "fp32"
-    low = prepared.placement.precision if prepared.placement is not None else "int8"
     job = make_job(prepared, evaluation, providers=budget.providers)
+    low = job.precision
     found = Search(target, evaluation.description, low, high, plan, workers=budget.workers)
 
     def coverage(floats: Configuration) -> float:
         moved = sum(nodes[name].macs for name in floats)
         return (quantized_macs - moved) / total_macs if total_macs else 0.0
 
-    def step(action: str, node: str | None, floats: Configuration, score, kept=True) -> bool:
+    def step(action: str, node: str | None, floats: Configuration, score: ComparisonReport) -> bool:
+        """Record one evaluation; whether it meets the target."""
         met = target.met(score)
         precision = None if node is None else (high if node in floats else low)
         decision = None if node is None else nodes[node]
-        found.steps.append(
-            Step(action, decision, precision, score, met, kept and met, coverage(floats))
-        )
+        kept = met if action == "restore" else True
+        found.steps.append(Step(action, decision, precision, score, met, kept, coverage(floats)))
         return met
 
     with Evaluations(open_executor(job, budget.workers), progress=budget.progress) as evaluate:
@@ -256,7 +260,9 @@ def _reason(high: str, target: Target) -> str:
     return f"sensitivity fallback: {high.upper()} to keep {target.describe()}"
 
 
-def _check_reachable(evaluate, everything: Configuration, target, found: Search, step) -> None:
+def _check_reachable(
+    evaluate: Evaluations, everything: Configuration, target: Target, found: Search, step: Record
+) -> None:
     if step("all high precision", None, everything, evaluate.one(everything)):
         return
     missed = "; ".join(g.detail for g in target.gates(found.steps[-1].score) if not g.passed)
@@ -273,7 +279,12 @@ def _check_reachable(evaluate, everything: Configuration, target, found: Search,
     )
 
 
-def _ranking(evaluate, names: list[str], nodes, target: Target) -> dict[str, float]:
+def _ranking(
+    evaluate: Evaluations,
+    names: list[str],
+    nodes: Mapping[str, qdq.NodeDecision],
+    target: Target,
+) -> dict[str, float]:
     """Harm of each node quantized alone, most harmful per MAC first (ties: graph order)."""
     everything = frozenset(names)
     scores = evaluate([everything - {name} for name in names])
@@ -285,7 +296,9 @@ def _ranking(evaluate, names: list[str], nodes, target: Target) -> dict[str, flo
     return {names[i]: harm[names[i]] for i in order}
 
 
-def _fall_back(evaluate, order: list[str], workers: int, step) -> Configuration:
+def _fall_back(
+    evaluate: Evaluations, order: list[str], workers: int, step: Record
+) -> Configuration:
     """Move nodes to high precision in ``order`` until the target holds.
 
     With several workers, the next ``workers`` prefixes of the order are evaluated at
@@ -301,7 +314,9 @@ def _fall_back(evaluate, order: list[str], workers: int, step) -> Configuration:
     raise RuntimeError("every node in high precision met the target before, but not now")
 
 
-def _bring_back(evaluate, floats: Configuration, order: list[str], step) -> Configuration:
+def _bring_back(
+    evaluate: Evaluations, floats: Configuration, order: list[str], step: Record
+) -> Configuration:
     """Put each moved node back in INT8, least harmful first; keep it where the target holds."""
     for name in [n for n in reversed(order) if n in floats]:
         trial = floats - {name}

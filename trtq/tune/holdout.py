@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,15 +40,16 @@ log = logging.getLogger(__name__)
 DEFAULT_EVAL_SAMPLES = 64
 
 
-class Evaluation:
+class Evaluation(ABC):
     """Evaluation batches, where they came from, and labels (one per sample) if any."""
 
     description: str
     labels: np.ndarray | None = None
     label_output: str | None = None
 
+    @abstractmethod
     def batches(self) -> list[Batch]:
-        raise NotImplementedError
+        """The evaluation batches, in memory."""
 
     def keeper(self, model: onnx.ModelProto) -> SampleKeeper:
         """Every evaluation sample, for the check after writing: the written model is

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from trtq.calib.data.batching import (
@@ -59,6 +60,7 @@ __all__ = [
     "Batch",
     "BatchSource",
     "Color",
+    "DataRequest",
     "ImagePreprocess",
     "Layout",
     "check_batch",
@@ -76,6 +78,10 @@ class BatchSource:
     calibration can make one pass to find ranges and another to fill histograms.
     ``num_batches`` and ``num_samples`` are known for files and images (progress bars,
     sharding) and None for loader scripts, which are only run when iterated.
+
+    Files and images can also be read in shards: :meth:`between` reads a run of batches
+    and only the files they hold, ``file_starts`` are the batches that begin a file, and
+    ``request`` opens the same batches in another process (a Ray worker).
     """
 
     def __init__(
@@ -85,14 +91,39 @@ class BatchSource:
         *,
         num_batches: int | None,
         num_samples: int | None,
+        request: DataRequest | None = None,
+        between: Callable[[int, int], Iterator[Batch]] | None = None,
+        file_starts: tuple[int, ...] = (),
     ) -> None:
         self._batches = batches
+        self._between = between
         self.description = description
         self.num_batches = num_batches
         self.num_samples = num_samples
+        self.request = request
+        self.file_starts = file_starts
 
     def __iter__(self) -> Iterator[Batch]:
         return self._batches()
+
+    def watched(self, batches: Callable[[], Iterator[Batch]]) -> BatchSource:
+        """This source's batches as ``batches`` yields them, watched on the way (samples kept
+        for a check); reading in shards, and the request, stay this source's."""
+        return BatchSource(
+            batches,
+            self.description,
+            num_batches=self.num_batches,
+            num_samples=self.num_samples,
+            request=self.request,
+            between=self._between,
+            file_starts=self.file_starts,
+        )
+
+    def between(self, start: int, stop: int) -> Iterator[Batch]:
+        """Batches ``start`` to ``stop - 1`` of a pass, reading only the files they hold."""
+        if self._between is None:
+            raise TypeError(f"batches cannot be read in shards: {self.description}")
+        return self._between(start, stop)
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -101,6 +132,30 @@ class BatchSource:
 
     def __repr__(self) -> str:
         return f"BatchSource({self.description!r})"
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What :func:`open_batches` was asked for a data path: enough to open the same batches
+    elsewhere. The path is absolute, so a process with another working directory (a Ray
+    worker reading shared storage) finds the same files."""
+
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    batch_size: int | None
+    limit: int | None
+    preprocess: ImagePreprocess | None
+    check_finite: bool
+
+    def open(self) -> BatchSource:
+        return open_batches(
+            self.path,
+            self.inputs,
+            batch_size=self.batch_size,
+            limit=self.limit,
+            preprocess=self.preprocess,
+            check_finite=self.check_finite,
+        )
 
 
 def open_batches(
@@ -157,11 +212,17 @@ def open_batches(
         raise _no_batch(path, sum(s.stop - s.start for s in slices), size)
     num_samples = sum(count_samples(batch) for batch in plan)
     plural = "batch" if len(plan) == 1 else "batches"
+    request = DataRequest(
+        path.absolute(), tuple(inputs), batch_size, limit, preprocess, check_finite
+    )
     return BatchSource(
         lambda: read_batches(taken, plan, inputs, check_finite),
         f"{num_samples} {unit} in {len(plan)} {plural} from {path}",
         num_batches=len(plan),
         num_samples=num_samples,
+        request=request,
+        between=lambda start, stop: read_batches(taken, plan[start:stop], inputs, check_finite),
+        file_starts=tuple(i for i, batch in enumerate(plan) if batch[0].start == 0),
     )
 
 

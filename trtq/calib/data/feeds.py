@@ -13,7 +13,10 @@ Which feeds are whole is decided from the model first, then from the feed:
   has no batch axis at all: every feed of it is whole;
 * otherwise a feed whose arrays differ in dim 0 is whole, unless the model names one
   symbol for dim 0 on every input (``batch``): then the arrays must agree, and a feed
-  that does not is an error, as it always was.
+  that does not is an error, as it always was;
+* where some inputs name dim 0 as a batch (``batch``, ``batch_size``, ``N``...), only those
+  must agree: the others (a target ``shape [3]``, a fixed setting) go with every batch
+  whole, as a batched model reads them.
 
 Feeds whose arrays agree on dim 0 stay batches of that many samples, so models with a
 batch axis read, count and slice their data exactly as before.
@@ -21,6 +24,7 @@ batch axis read, count and slice their data exactly as before.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +54,20 @@ def batch_symbol(inputs: Sequence[TensorSpec]) -> str | None:
     return None
 
 
+#: Names exporters give a batch dim: ``batch``, ``batch_size``, ``N``, ``B``, ``bs``...
+_BATCH_NAME = re.compile(r"batch|^(n|b|bs|num_samples)$", re.IGNORECASE)
+
+
+def batch_inputs(inputs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The inputs whose dim 0 the model names as a batch; all inputs when none does."""
+    named = [
+        spec
+        for spec in inputs
+        if spec.shape and isinstance(spec.shape[0], str) and _BATCH_NAME.search(spec.shape[0])
+    ]
+    return named or list(inputs)
+
+
 def whole_feed(shapes: Mapping[str, Sequence[int]], inputs: Sequence[TensorSpec]) -> str | None:
     """Why a feed whose arrays have ``shapes`` is one model call (None: dim 0 counts samples).
 
@@ -60,7 +78,9 @@ def whole_feed(shapes: Mapping[str, Sequence[int]], inputs: Sequence[TensorSpec]
     reason = no_batch_axis(inputs)
     if reason is not None:
         return f"the model's inputs share no batch dim: {reason}"
-    leading = {spec.name: shapes[spec.name][0] for spec in inputs if shapes.get(spec.name)}
+    leading = {
+        spec.name: shapes[spec.name][0] for spec in batch_inputs(inputs) if shapes.get(spec.name)
+    }
     if len(set(leading.values())) > 1 and batch_symbol(inputs) is None:
         listing = ", ".join(f"{name} {size}" for name, size in leading.items())
         return f"its inputs differ in dim 0 ({listing}) and the model has no batch dim they share"
@@ -81,7 +101,7 @@ def samples_in(batch: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> int:
     """Samples in one model call: the inputs' shared dim 0, or 1 for a whole feed."""
     if is_whole_feed(batch, inputs):
         return 1
-    for spec in inputs:
+    for spec in batch_inputs(inputs):
         shape = getattr(batch.get(spec.name), "shape", ())
         if len(shape):
             return int(shape[0])

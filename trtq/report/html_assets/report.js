@@ -433,29 +433,36 @@
   function renderSensitivity(body) {
     var sens = DATA.sensitivity, fallback = DATA.fallback;
     if (!sens && !fallback) {
-      body.appendChild(note("This report has no sensitivity analysis and no fallback steps."));
+      body.appendChild(note("This report has no sensitivity figures and no fallback search " +
+        "(trtq quantize --target-cosine/--target-rel-l2/--target-drop; trtq report --sensitivity)."));
       return;
     }
     if (sens) {
-      body.appendChild(el("h3", { text: "Harm per node" + (sens.metric ? " (" + sens.metric + ")" : "") }));
-      if (Object.keys(sens.about).length) body.appendChild(kvGrid(Object.keys(sens.about).map(function (k) { return [k, fmtCell(sens.about[k])]; })));
-      if (sens.bars.length) body.appendChild(barChart(sens.bars.slice(0, 30), sens.metric));
+      body.appendChild(el("h3", { text: sens.title }));
+      body.appendChild(note(sens.metric));
+      body.appendChild(about(sens.about));
+      if (sens.bars.length) body.appendChild(barChart(sens.bars.slice(0, 30), "harm"));
       if (sens.bars.length > 30) body.appendChild(note("The 30 most harmful of " + sens.bars.length + " nodes; all are in the table."));
       body.appendChild(recordsTable(sens.table));
     }
     if (fallback) {
       body.appendChild(el("h3", { text: "Fallback steps" }));
-      if (Object.keys(fallback.about).length) body.appendChild(kvGrid(Object.keys(fallback.about).map(function (k) { return [k, fmtCell(fallback.about[k])]; })));
-      body.appendChild(recordsTable(fallback));
+      body.appendChild(about(fallback.about));
+      body.appendChild(recordsTable(fallback.table, "fallback-steps"));
     }
   }
 
-  function recordsTable(records) {
-    return el("div", { "class": "scroll" }, [table(records.columns.map(function (c) { return { label: c }; }), records.rows)]);
+  function about(pairs) {
+    return kvGrid(Object.keys(pairs).filter(function (k) { return pairs[k] !== null && pairs[k] !== ""; })
+      .map(function (k) { return [k, fmtCell(pairs[k])]; }));
+  }
+
+  function recordsTable(records, id) {
+    return el("div", { "class": "scroll", id: id }, [table(records.columns, records.rows)]);
   }
 
   function barChart(bars, metric) {
-    var W = 760, rowH = 18, labelW = 300, m = { t: 8, b: 28, r: 60 };
+    var W = 1100, rowH = 20, labelW = 440, m = { t: 8, b: 28, r: 70 };
     var H = m.t + bars.length * rowH + m.b;
     var low = Math.min(0, Math.min.apply(null, bars.map(function (b) { return b.value; })));
     var high = Math.max(0, Math.max.apply(null, bars.map(function (b) { return b.value; })));
@@ -464,12 +471,12 @@
     var root = svg("svg", { viewBox: "0 0 " + W + " " + H, width: "100%", role: "img", id: "sensitivity-chart" });
     bars.forEach(function (bar, i) {
       var top = m.t + i * rowH;
-      var label = bar.label.length > 46 ? "…" + bar.label.slice(-45) : bar.label;
-      var text = svg("text", { x: labelW - 6, y: top + 13, "text-anchor": "end", text: label }, root);
+      var label = bar.label.length > 70 ? "…" + bar.label.slice(-69) : bar.label;
+      var text = svg("text", { x: labelW - 6, y: top + 14, "text-anchor": "end", text: label }, root);
       svg("title", { text: bar.label }, text);
       svg("rect", { x: Math.min(x(0), x(bar.value)), y: top + 3, width: Math.max(1, Math.abs(x(bar.value) - x(0))), height: rowH - 6,
         fill: "#c8372d", "class": "harm-bar" }, root);
-      svg("text", { x: Math.max(x(0), x(bar.value)) + 4, y: top + 13, text: fmtNum(bar.value) }, root);
+      svg("text", { x: Math.max(x(0), x(bar.value)) + 4, y: top + 14, text: fmtNum(bar.value) }, root);
     });
     var axis = svg("g", { "class": "axis" }, root);
     svg("line", { x1: x(low), x2: x(high), y1: H - m.b + 2, y2: H - m.b + 2 }, axis);
