@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             if corrected:
                 print(
                     f"  bias correction: {len(corrected['corrected'])} nodes, "
-                    f"{corrected['samples']} samples, {corrected['seconds']:.2f} s"
+                    f"{corrected['samples']} samples, {corrected['seconds']:.2f} s, "
+                    f"rel L2 on them {corrected['rel_l2_before']:.4g} -> "
+                    f"{corrected['rel_l2_after']:.4g}, kept: {corrected['kept']}"
                 )
             equalized = result.report.get("equalization")
             if equalized:

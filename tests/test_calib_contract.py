@@ -80,7 +80,7 @@ def test_stats_hold_the_plan_and_say_what_they_were_made_for(stats_file):
         "exclude_nodes": None,
         "min_channels": 16,
     }
-    assert made_for["method"] == "mse" and made_for["frozen_inputs"] == {}
+    assert made_for["method"] == "entropy" and made_for["frozen_inputs"] == {}
     assert data["model_sha256"] == trtq.calibrate(MODEL, CALIB, limit=8).model_sha256
 
 
@@ -145,11 +145,15 @@ def test_cache_is_complete_and_labelled_with_the_method(tmp_path, capsys, method
     written = TrtCache.read(cache)
     wanted = trt_tensors(onnx.load(MODEL))
     assert PRE_BN in wanted and set(wanted) <= set(written.scales)
-    # The label claims a method only when every range in the cache was chosen by it: entropy
-    # falls back to mse on a tensor whose KL search locks onto a spike (one on this sample).
-    used = {CalibrationStats.read(stats).ranges[name].method for name in written.scales}
-    assert written.algorithm == (label if used == {method} else "TrtqMixedCalibration")
-    if method != "entropy":
+    # The label names the method that chose every range; entropy's spike guard (mse's range
+    # where the KL search locks onto a spike: one tensor on this sample) is still entropy.
+    ranges = CalibrationStats.read(stats).ranges
+    used = {ranges[name].method for name in written.scales}
+    assert written.algorithm == label
+    if method == "entropy":
+        assert used == {"entropy", "mse"}
+        assert all(ranges[n].reason for n in written.scales if ranges[n].method == "mse")
+    else:
         assert used == {method}
 
 
@@ -162,9 +166,11 @@ def test_a_cache_of_several_methods_is_labelled_mixed():
     }
     scope = CalibrationScope(None, "entropy", 99.99, trt_tensors=("a", "b"))
     stats = CalibrationStats({"a": hist, "b": hist}, 8, 1, "sha", ranges, scope=scope)
-    assert trt_cache(stats, trt_version="10.13.3").algorithm == "TrtqMixedCalibration"
-    stats.ranges["b"] = TensorRange("b", 4.0, "entropy")
+    # entropy's spike guard handing one tensor to mse: still an entropy calibration.
     assert trt_cache(stats, trt_version="10.13.3").algorithm == "EntropyCalibration2"
+    # ranges of another method the guard did not choose: mixed.
+    stats.ranges["b"] = TensorRange("b", 4.0, "max")
+    assert trt_cache(stats, trt_version="10.13.3").algorithm == "TrtqMixedCalibration"
 
 
 def test_cache_tensors_missing_from_the_normalised_graph_are_observed_on_the_model(

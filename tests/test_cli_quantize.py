@@ -81,8 +81,8 @@ def test_stats_and_cache_are_written_then_reused(capsys, tmp_path):
     args = ["--calib", CALIB, "--limit", "64"]
     assert quantize(capsys, MODEL, *args, "-o", first, "--stats", stats, "--cache", cache)[0] == 0
     assert stats.exists() and cache.exists()
-    # Labelled with the method used (mse: trtq's own), complete for TensorRT's implicit INT8.
-    assert TrtCache.read(cache).algorithm == "TrtqMseCalibration"
+    # Labelled with the method used (entropy, the default), complete for TensorRT's implicit INT8.
+    assert TrtCache.read(cache).algorithm == "EntropyCalibration2"
     assert set(trt_tensors(onnx.load(MODEL))) <= set(TrtCache.read(cache).scales)
     # No --calib: ranges come from the files alone, and give the same model.
     assert quantize(capsys, MODEL, "-o", second, "--stats", stats)[0] == 0

@@ -288,18 +288,24 @@ def test_subgraphs_may_reuse_sibling_names_but_not_shadow_outer_ones():
 
 def test_coverage_counts_only_nodes_that_read_dequantize_directly():
     macs = {"conv": 300, "gemm": 100}
+    full = {"fraction": 1.0, "quantized_nodes": 1, "total_nodes": 1}
     assert coverage.measure(clean_model(), macs) == {
         "quantized_macs": 400,
         "total_macs": 400,
         "fraction": 1.0,
         "quantized_nodes": 2,
         "total_nodes": 2,
+        "by_op": {
+            "Conv": {"quantized_macs": 300, "total_macs": 300, **full},
+            "Gemm": {"quantized_macs": 100, "total_macs": 100, **full},
+        },
     }
     broken = clean_model()
     cast_between_dq_and_conv(broken)
     measured = coverage.measure(broken, macs)
     assert coverage.quantized_compute_nodes(broken) == {"gemm"}
     assert (measured["quantized_macs"], measured["fraction"]) == (100, 0.25)
+    assert measured["by_op"]["Conv"]["fraction"] == 0.0
 
 
 def test_verify_written_raises_naming_rule_and_node():

@@ -15,6 +15,7 @@ No single method gets both right, so the search must choose per tensor.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -144,10 +145,9 @@ def test_search_cost_is_bounded_and_one_session_serves_every_trial(monkeypatch):
     result = quantized_with(model, AUTO)
     found = result.report["range_search"]
     assert len(opened) == 2  # the quantized evaluation copy and the FP32 reference, once each
-    search_batches = math.ceil(range_search.DEFAULT_SAMPLES / 16)
-    quantized_runs = sum(1 for r in runs if r == 1)
-    assert quantized_runs == found["evaluations"] * search_batches
-    assert runs.count(2) == search_batches  # FP32 outputs computed once
+    parts = runs.count(2)  # FP32 outputs computed once: one run per part of the samples
+    assert parts == 2  # the 16 samples, cut in two halves
+    assert runs.count(1) == found["evaluations"] * parts
     # 1 + sum over units of (candidates - 1), each unit at most 8 candidates.
     units = found["choices"]
     assert found["bound"] == 1 + sum(len(u["candidates"]) - 1 for u in units)
@@ -273,3 +273,24 @@ def test_concat_of_boxes_and_scores_keeps_their_scales_apart(monkeypatch):
     assert any({"boxes", "scores"} <= set(group) for group in shared.plan.range_groups)
     assert shared.report["separate_scales"] == []
     assert score_error(model, shared.model, held_out) > 0.9  # every score rounded to 0
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_cli_method_auto_on_mnist(tmp_path, capsys):
+    from conftest import CALIB_DATA
+
+    from trtq.cli import main
+
+    out, report = tmp_path / "q.onnx", tmp_path / "report.json"
+    argv = ["quantize", CALIB_DATA / "mnist_cnn.onnx", "--calib", CALIB_DATA / "mnist_calib.npz"]
+    argv += ["-o", out, "--report", report, "--method", "auto", "--no-progress", "--limit", "64"]
+    assert main([str(a) for a in argv]) == 0
+    assert "(method auto)" in capsys.readouterr().out
+    found = json.loads(report.read_text())
+    search = found["range_search"]
+    assert search["evaluations"] <= search["bound"]
+    assert search["after"]["rel_l2"] <= search["before"]["rel_l2"]
+    assert all(t["reason"].startswith("range search: ") for t in found["quantized_tensors"])
+    assert found["verification"]["outputs"]["logits"]["cosine_mean"] > 0.999

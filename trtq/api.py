@@ -47,7 +47,7 @@ from trtq.report.verify import DEFAULT_SAMPLES, FidelityOptions
 from trtq.runtime import load
 from trtq.trt.pipeline import BuildOutcome, build
 from trtq.tune.fallback import Budget, Target
-from trtq.tune.holdout import DEFAULT_EVAL_SAMPLES, EvaluationOptions
+from trtq.tune.holdout import DEFAULT_EVAL_SAMPLES, Evaluation, EvaluationOptions
 from trtq.tune.sensitivity import Sensitivity, measure
 
 __all__ = [
@@ -180,6 +180,7 @@ def quantize(
         workers,
         providers,
         progress,
+        ray,
     )
     stats_given, stats_out = _reuse(stats, CalibrationStats, "stats")
     cache_given, cache_out = _reuse(cache, TrtCache, "cache")
@@ -493,6 +494,7 @@ def sensitivity(
     max_memory: int | str | None = None,
     providers: Sequence[str] | None = None,
     progress: bool = False,
+    ray: str | bool | None = None,
 ) -> Sensitivity:
     """What quantizing each node costs at the outputs (``trtq sensitivity``).
 
@@ -501,7 +503,8 @@ def sensitivity(
     that one (:mod:`trtq.tune.sensitivity`): cosine and relative L2 per output, next to
     its MACs. The figures come from ``eval_samples`` samples of ``eval_data``, by default
     held out of ``calib`` (they never set a range); ``workers`` processes share the
-    2N + 1 evaluations.
+    2N + 1 evaluations, or with ``ray`` (True: a local instance, or an address as Ray
+    takes it) the workers of a Ray cluster, which also calibrate.
     """
     _check_choice("precision", precision, qdq.PRECISIONS)
     _check_choice("high_precision", high_precision, HIGH_PRECISIONS)
@@ -518,23 +521,50 @@ def sensitivity(
         calib, model_inputs(loaded), batch_size=batch_size, limit=limit, preprocess=preprocess
     )
     batches, held_out = evaluation.split(batches, loaded)
-    calibration = CalibrationOptions(
-        method=method,
-        percentile=percentile,
-        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
-        providers=providers,
-        progress=progress,
-    )
+    with collector_for(ray) as collector:
+        return _sensitivity(
+            loaded,
+            batches,
+            held_out,
+            CalibrationOptions(
+                method=method,
+                percentile=percentile,
+                max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+                providers=providers,
+                progress=progress,
+                collector=collector,
+            ),
+            qdq.PlacementOptions(
+                precision=precision,
+                include_ops=_names(include_ops),
+                exclude_ops=_names(exclude_ops),
+                exclude_nodes=exclude_nodes,
+                min_channels=min_channels,
+            ),
+            high_precision,
+            freeze_inputs,
+            workers,
+            ray,
+        )
+
+
+def _sensitivity(
+    loaded: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]] | None,
+    held_out: Evaluation,
+    calibration: CalibrationOptions,
+    placement: qdq.PlacementOptions,
+    high_precision: str,
+    freeze_inputs: Mapping[str, Any] | None,
+    workers: int,
+    ray: str | bool | None,
+) -> Sensitivity:
+    """Calibrate once, then measure every node (the part of :func:`sensitivity` that may
+    run on a Ray cluster)."""
     prepared = quantizer.prepare(
         loaded,
         batches,
-        placement=qdq.PlacementOptions(
-            precision=precision,
-            include_ops=_names(include_ops),
-            exclude_ops=_names(exclude_ops),
-            exclude_nodes=exclude_nodes,
-            min_channels=min_channels,
-        ),
+        placement=placement,
         mixed=None
         if high_precision == "fp32"
         else fp16.MixedPrecisionOptions(precision=high_precision),
@@ -542,7 +572,13 @@ def sensitivity(
         frozen={name: np.asarray(value) for name, value in (freeze_inputs or {}).items()},
     )
     return measure(
-        prepared, held_out, method=method, workers=workers, providers=providers, progress=progress
+        prepared,
+        held_out,
+        method=calibration.method,
+        workers=workers,
+        providers=calibration.providers,
+        progress=calibration.progress,
+        ray=ray,
     )
 
 
@@ -568,6 +604,7 @@ def _budget(
     workers: int,
     providers: Sequence[str] | None,
     progress: bool,
+    ray: str | bool | None = None,
 ) -> Budget | None:
     """The fallback ``quantize`` runs for a target, or None; evaluation data needs a target."""
     _check_count("workers", workers)
@@ -578,7 +615,7 @@ def _budget(
                 "add --target-cosine, --target-rel-l2 or --target-drop, or drop --eval",
             )
         return None
-    return Budget(target, evaluation, workers, providers, progress)
+    return Budget(target, evaluation, workers, providers, progress, ray)
 
 
 def _evaluation(

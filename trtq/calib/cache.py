@@ -12,8 +12,9 @@ The algorithm names the method that chose the ranges, honestly: TensorRT's
 ``EntropyCalibration2`` and ``MinMaxCalibration`` when every range is trtq's
 ``entropy`` or ``max``; ``TrtqMseCalibration`` and ``TrtqPercentileCalibration``
 for the methods TensorRT has no calibrator for, and ``TrtqMixedCalibration`` when
-the ranges come from several methods (``entropy`` falls back to ``mse`` on
-tensors whose KL search locks onto a spike). trtq's graph mode reads them all;
+the ranges come from several methods. (``entropy`` as trtq runs it takes ``mse``'s
+range where the KL search locks onto a spike; such a cache is still labelled
+``EntropyCalibration2``, and the log names the tensors.) trtq's graph mode reads them all;
 ``trtq build --calib-mode trt`` refuses trtq's own rather than pass its ranges off
 as TensorRT's (see :data:`TRTQ_ONLY_ALGORITHMS`).
 

@@ -273,6 +273,16 @@ def trt_cache(stats: CalibrationStats, *, trt_version: str) -> TrtCache:
     # those left in float: trtq's graph mode reads this cache and must not quantize them.
     amax = {name: found.amax for name, found in ranges.items() if found.quantizable}
     methods = {ranges[name].method for name in amax} or {scope.method}
+    guarded = [name for name in amax if _spike_guarded(scope.method, ranges[name])]
+    if guarded:
+        # Entropy as trtq runs it (the default): the KL search, with mse's range where the
+        # search locked onto a spike. The cache is still the entropy calibration asked for.
+        log.info(
+            "entropy's spike guard chose mse's range for %d tensor(s), e.g. %s",
+            len(guarded),
+            guarded[0],
+        )
+        methods = {ranges[name].method for name in amax if name not in guarded} or {"entropy"}
     if len(methods) > 1:
         log.info(
             "the cache holds ranges of several methods (%s): labelled %s",
@@ -281,3 +291,8 @@ def trt_cache(stats: CalibrationStats, *, trt_version: str) -> TrtCache:
         )
     method = methods.pop() if len(methods) == 1 else "mixed"
     return TrtCache.from_amax(amax, method=method, trt_version=trt_version)
+
+
+def _spike_guarded(method: str, found: TensorRange) -> bool:
+    """Whether entropy's spike guard (:data:`trtq.calib.ranges.ENTROPY_MAX_CLIPPED`) chose it."""
+    return method == "entropy" and found.method == "mse" and bool(found.reason)

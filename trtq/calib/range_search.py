@@ -19,7 +19,9 @@ The search is greedy coordinate descent: every tensor starts at the range of the
 histogram method (:data:`START_METHOD` unless the caller says otherwise); the tensors are
 visited once, in graph (topological) order, each trying its candidates with every other
 tensor at its current choice, and keeping the best, if it lowers the objective by at
-least :data:`MIN_GAIN` (relative). Visiting producers before consumers means every
+least :data:`MIN_GAIN` (relative) and is no worse on either half of the samples (so that
+one odd sample cannot pick a range on its own: on a few samples, a greedy search over
+dozens of tensors otherwise fits their noise). Visiting producers before consumers means every
 consumer is tuned against the ranges its inputs will really have.
 
 Objective: the relative L2 error of the outputs against FP32 (``||y_q - y|| / ||y||``
@@ -47,7 +49,7 @@ from functools import reduce
 import numpy as np
 import onnx
 
-from trtq.calib.collect import Batch, batch_size
+from trtq.calib.collect import Batch, batch_size, first_samples
 from trtq.calib.histogram import Histogram
 from trtq.calib.ranges import (
     DEFAULT_METHOD,
@@ -123,10 +125,23 @@ def _distinct(found: Mapping[str, float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """The outputs against FP32 on the sample batch: the objective and the mean cosine."""
+    """The outputs against FP32 on the sample batch: the objective and the mean cosine.
+
+    ``halves`` is the objective on each half of the samples: a choice must help both
+    (:meth:`better_than`), so that one odd sample cannot pick a range alone.
+    """
 
     rel_l2: float
     cosine: float
+    halves: tuple[float, float] = (math.nan, math.nan)
+
+    def better_than(self, other: Fidelity) -> bool:
+        """Lower by :data:`MIN_GAIN` overall, and no worse on either half of the samples."""
+        if not self.rel_l2 < other.rel_l2 * (1 - MIN_GAIN):
+            return False
+        return all(
+            not mine > theirs for mine, theirs in zip(self.halves, other.halves, strict=True)
+        )
 
     def to_json(self) -> dict:
         return {"rel_l2": _finite(self.rel_l2), "cosine": _finite(self.cosine)}
@@ -152,7 +167,9 @@ class OutputError:
         providers: Sequence[str] | None = None,
     ) -> None:
         wanted = {v.name for v in model.graph.input}
-        self._batches = [{k: v for k, v in b.items() if k in wanted} for b in batches]
+        whole = [{k: v for k, v in b.items() if k in wanted} for b in batches]
+        self.samples = sum(batch_size(b, model) for b in whole)
+        self._batches, self._half = _halves(whole, model)
         if not self._batches:
             raise UserError(
                 "--method auto measures the outputs on calibration samples, and there are none",
@@ -168,7 +185,6 @@ class OutputError:
             dict(zip(names, reference.run(names, b), strict=True)) for b in self._batches
         ]
         self._names = [n for n in names if _is_float(self._reference[0][n])]
-        self.samples = sum(batch_size(b, model) for b in self._batches)
         self.runs = 0
 
     def __call__(self, amax: Mapping[str, float]) -> Fidelity:
@@ -177,29 +193,54 @@ class OutputError:
             scale: np.asarray(representable_scale(amax[tensor] / self._qmax, dtype), dtype)
             for tensor, (scale, dtype) in self._scales.items()
         }
-        error = {n: 0.0 for n in self._names}
-        energy = dict(error)
-        dot = dict(error)
-        got_energy = dict(error)
-        for batch, expected in zip(self._batches, self._reference, strict=True):
+        # Per half of the samples and output: [error energy, reference energy, dot, output energy]
+        sums = np.zeros((2, len(self._names), 4))
+        for batch, half, expected in zip(self._batches, self._half, self._reference, strict=True):
             outputs = self._session.run(self._names, {**batch, **feeds})
-            for name, got in zip(self._names, outputs, strict=True):
+            for k, (name, got) in enumerate(zip(self._names, outputs, strict=True)):
                 ref = np.asarray(expected[name], np.float64).ravel()
                 out = np.asarray(got, np.float64).ravel()
-                error[name] += float(np.sum((out - ref) ** 2))
-                energy[name] += float(np.sum(ref**2))
-                dot[name] += float(np.dot(out, ref))
-                got_energy[name] += float(np.sum(out**2))
+                sums[half, k] += (
+                    np.sum((out - ref) ** 2),
+                    np.sum(ref**2),
+                    np.dot(out, ref),
+                    np.sum(out**2),
+                )
         self.runs += 1
-        rel = [math.sqrt(error[n] / energy[n]) if energy[n] else math.sqrt(error[n]) for n in error]
-        cos = [
-            dot[n] / math.sqrt(energy[n] * got_energy[n]) if energy[n] and got_energy[n] else 1.0
-            for n in error
-        ]
-        rms = math.sqrt(sum(r * r for r in rel) / len(rel)) if rel else 0.0
-        return Fidelity(
-            rms if math.isfinite(rms) else math.inf, float(np.mean(cos)) if cos else 1.0
-        )
+        total = sums.sum(axis=0)
+        cos = [d / math.sqrt(e * g) if e and g else 1.0 for _, e, d, g in total]
+        halves = (_objective(sums[0]), _objective(sums[1]))
+        return Fidelity(_objective(total), float(np.mean(cos)) if cos else 1.0, halves)
+
+
+def _objective(sums: np.ndarray) -> float:
+    """RMS over outputs of the relative L2 error (``sums``: one row per output, see the caller)."""
+    if not len(sums):
+        return 0.0
+    rel = [math.sqrt(err / ref) if ref else math.sqrt(err) for err, ref, _, _ in sums]
+    rms = math.sqrt(sum(r * r for r in rel) / len(rel))
+    return rms if math.isfinite(rms) else math.inf
+
+
+def _halves(batches: Sequence[Batch], model: onnx.ModelProto) -> tuple[list[Batch], list[int]]:
+    """The sample batches cut in two halves by samples: (parts, the half each part is in).
+
+    A batch is cut where its inputs are batch-major (:func:`first_samples`); a batch that
+    cannot be (one sample, a whole feed) goes to the halves in turn.
+    """
+    parts: list[Batch] = []
+    half: list[int] = []
+    for index, batch in enumerate(batches):
+        cut = batch_size(batch, model) // 2
+        first = first_samples(batch, cut, model) if cut else dict(batch)
+        if not cut or all(first[k].shape == np.shape(v) for k, v in batch.items()):
+            parts.append(batch)
+            half.append(index % 2)
+            continue
+        second = {k: v[cut:] if first[k].shape != np.shape(v) else v for k, v in batch.items()}
+        parts += [first, second]
+        half += [0, 1]
+    return parts, half
 
 
 def _expose_scales(
@@ -380,7 +421,7 @@ def search(
             if candidate == unit.start_label:
                 continue
             trial = measure({**current, **dict.fromkeys(unit.tensors, value)})
-            if trial.rel_l2 < best.rel_l2 * (1 - MIN_GAIN):
+            if trial.better_than(best):
                 best, label, amax = trial, candidate, value
         current.update(dict.fromkeys(unit.tensors, amax))
         choices.append(Choice(unit, label, amax, before, best))

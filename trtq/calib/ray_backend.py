@@ -39,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
-import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -52,50 +50,28 @@ from trtq.calib.collect import Batch, Collection, Collector, Shard, peek, plan_g
 from trtq.calib.data import BatchSource, DataRequest
 from trtq.calib.data.feeds import samples_in
 from trtq.calib.histogram import DEFAULT_BINS, Histogram
-from trtq.calib.ray_worker import (
-    CalibrationWorker,
-    Failure,
-    Pass,
-    ShardResult,
-    WorkerInfo,
-    software_versions,
-)
-from trtq.errors import DataError, UserError, require
+from trtq.calib.ray_worker import CalibrationWorker, Pass, ShardResult
+from trtq.errors import DataError, UserError
 from trtq.graph.load import model_inputs
+from trtq.ray_cluster import Failure, RayCluster, address_of
 
 log = logging.getLogger(__name__)
 
-#: How often Ray restarts a dead worker, and retries the shards it was running.
-RETRIES = 3
-#: CPUs each worker reserves; ONNX Runtime runs that many threads in it.
-CPUS_PER_WORKER = 1
 #: Shards per worker: smaller shards balance the load and lose less work to a failure.
 SHARDS_PER_WORKER = 4
-#: Shards queued on a worker at once (the next one's arguments arrive while it works).
-IN_FLIGHT_PER_WORKER = 2
 #: Batches per task when batches travel (loader scripts, batches given in Python).
 SHIPPED_BATCHES = 4
-#: Seconds to wait for a TCP connection to the cluster before calling it unreachable.
-CONNECT_TIMEOUT_S = 5.0
-#: Seconds to wait for the workers to start (a cluster without a free CPU never starts one).
-START_TIMEOUT_S = 600.0
-
-_ADDRESS_FIX = (
-    "give auto (a cluster started on this machine with `ray start`), ray://HOST:10001 "
-    "(Ray Client) or HOST:6379 (the head node); --ray alone starts a local instance"
-)
 
 
-def parse_address(text: str) -> str:
-    """A Ray address as ``ray.init`` takes it, checked: ``auto``, ``local``, ``ray://HOST:PORT``
-    or ``HOST:PORT``. Nothing is contacted here."""
-    address = text.strip()
-    if address in ("auto", "local"):
-        return address
-    host, port = _host_port(address)
-    if not host or port is None or not 0 < port < 65536:
-        raise UserError(f"bad Ray address {text!r}", _ADDRESS_FIX)
-    return address
+def collector_for(ray: str | bool | None) -> AbstractContextManager[Collector | None]:
+    """What observes the activations for the API's ``ray`` argument, as a context.
+
+    None or False: this process (the context gives None); True: a local Ray instance (or
+    ``RAY_ADDRESS``); a string: that address (:func:`trtq.ray_cluster.parse_address`).
+    """
+    if ray is None or ray is False:
+        return nullcontext(None)
+    return RayCalibration(address_of(ray))
 
 
 class RayCalibration:
@@ -109,11 +85,8 @@ class RayCalibration:
     """
 
     def __init__(self, address: str | None = None) -> None:
-        self._address = None if address in (None, "") else parse_address(address)
+        self._cluster = RayCluster(address)
         self._source: BatchSource | None = None
-        self._ray: Any = None
-        self._connected_here = False
-        self._actors: list[Any] = []
         #: Peak resident memory of each worker seen ("host:pid" -> bytes).
         self.worker_peaks: dict[str, int] = {}
 
@@ -121,19 +94,7 @@ class RayCalibration:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the workers; disconnect if the connection was made here."""
-        if self._ray is None:
-            return
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
-        if self._connected_here:
-            self._ray.shutdown()
-            self._connected_here = False
-        self._ray = None
+        self._cluster.close()
 
     def __call__(
         self,
@@ -170,7 +131,7 @@ class RayCalibration:
                 "--ray ships the model to the workers in one piece, and this one is over 2 GB",
                 "calibrate without --ray, or run --shard K/N on each machine and --merge",
             )
-        ray = self._connect()
+        ray = self._cluster.ray
         serialized = model.SerializeToString()
         key = hashlib.sha256(serialized).hexdigest()[:16]
         given_inputs = tuple(t for t in tensors if t in input_names)
@@ -204,11 +165,11 @@ class RayCalibration:
         with tqdm(
             total=total,
             unit="sample",
-            desc=f"calibrating on {len(self._actors)} Ray workers",
+            desc=f"calibrating on {len(self._cluster.actors)} Ray workers",
             disable=not progress,
             leave=False,
         ) as bar:
-            for (pass_index, position), result in self._run(tasks):
+            for (pass_index, position), result in self._cluster.run(tasks):
                 merge.add(pass_index, position, result)
                 self._note(result)
                 bar.update(result.num_samples)
@@ -229,108 +190,38 @@ class RayCalibration:
             num_batches,
             len(passes),
             "" if len(passes) == 1 else "es",
-            len(self._actors),
+            len(self._cluster.actors),
             _peaks(self.worker_peaks),
         )
         return Collection(histograms, num_batches, num_samples, len(passes))
 
-    # --- cluster --------------------------------------------------------------------------
-
-    def _connect(self) -> Any:
-        if self._ray is not None:
-            return self._ray
-        ray = require("ray", "ray", "calibration on a Ray cluster (--ray)")
-        if not ray.is_initialized():
-            address = self._address or os.environ.get("RAY_ADDRESS") or None
-            if address not in (None, "auto", "local"):
-                _check_reachable(address)
-            options: dict[str, Any] = {}
-            if not str(address).startswith("ray://"):  # Ray Client takes no driver options
-                options = {
-                    "include_dashboard": False,
-                    "logging_level": logging.ERROR,
-                    "log_to_driver": False,
-                }
-            try:
-                ray.init(address=address, **options)
-            except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
-                raise UserError(
-                    f"cannot connect to the Ray cluster at {address or 'a local instance'}: "
-                    f"{_first_line(exc)}",
-                    "start it (`ray start --head`, see the README's 'Calibrating on a Ray "
-                    "cluster') or fix the address",
-                ) from exc
-            self._connected_here = True
-        self._ray = ray
-        return ray
-
     def _plan(self, source: BatchSource) -> list[tuple[int, int]]:
         assert source.num_batches is not None
         self._start_workers(source.num_batches)
-        count = min(source.num_batches, len(self._actors) * SHARDS_PER_WORKER)
+        count = min(source.num_batches, len(self._cluster.actors) * SHARDS_PER_WORKER)
         return plan_shards(source.num_batches, count, source.file_starts)
 
     def _start_workers(self, most: int | None) -> None:
-        """Start the workers once (one per CPU, at most ``most``) and check each of them."""
-        if self._actors:
+        """Start the workers once; each opens the data, and must see what the driver sees."""
+        if self._cluster.actors:
             return
-        ray = self._ray
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        if cpus < CPUS_PER_WORKER:
-            raise UserError(
-                "the Ray cluster has no CPU for a worker", "start nodes with CPUs (`ray start`)"
-            )
-        count = cpus // CPUS_PER_WORKER if most is None else min(cpus // CPUS_PER_WORKER, most)
-        worker = ray.remote(CalibrationWorker).options(
-            num_cpus=CPUS_PER_WORKER,
-            max_restarts=RETRIES,
-            max_task_retries=RETRIES,
-            scheduling_strategy="SPREAD",
-        )
         request = self._source.request if self._source is not None else None
-        self._actors = [worker.remote(CPUS_PER_WORKER) for _ in range(count)]
-        pending = [actor.hello.remote(request) for actor in self._actors]
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=START_TIMEOUT_S)
-        if len(ready) < len(pending):
-            raise UserError(
-                f"{len(pending) - len(ready)} of {len(pending)} Ray workers did not start within "
-                f"{START_TIMEOUT_S:.0f} s",
-                "check that the cluster has free CPUs (`ray status`)",
-            )
-        ours = software_versions()
-        infos = [self._value(ref) for ref in pending]
-        for info in infos:
-            self._check_worker(info, ours)
-        log.info("Ray: %d workers on %s", count, ", ".join(sorted({i.host for i in infos})))
-
-    def _check_worker(self, info: WorkerInfo | Failure, ours: dict[str, str]) -> None:
-        if isinstance(info, Failure):
-            # The driver opened it: the worker's storage is what differs, not the format.
-            raise DataError(
-                f"a Ray worker on {info.host} cannot open the calibration data: {info.problem}",
-                "workers read the data themselves: put it where every node sees it at the "
-                "same path",
-            )
-        for name, version in ours.items():
-            theirs = info.versions.get(name)
-            if theirs != version:
-                raise UserError(
-                    f"the Ray worker on {info.host} runs {name} {theirs}, this machine {version}",
-                    "install the same trtq and onnxruntime on every node",
+        for info in self._cluster.start(CalibrationWorker, most, hello=(request,)):
+            if isinstance(info, Failure):
+                # The driver opened it: the worker's storage differs, not the data's format.
+                raise DataError(
+                    f"a Ray worker on {info.host} cannot open the calibration data: {info.problem}",
+                    "workers read the data themselves: put it where every node sees it at "
+                    "the same path",
                 )
-        assert self._source is not None or info.num_batches is None
-        if self._source is not None and (info.num_batches, info.num_samples) != (
-            self._source.num_batches,
-            self._source.num_samples,
-        ):
-            raise DataError(
-                f"the Ray worker on {info.host} sees {info.num_samples} samples in "
-                f"{info.num_batches} batches at {self._source.request.path}, this machine "
-                f"{self._source.num_samples} in {self._source.num_batches}",
-                "workers must read the same files as the driver (one shared storage)",
-            )
-
-    # --- running ----------------------------------------------------------------------------
+            source = self._source
+            if source is not None and info.data != (source.num_batches, source.num_samples):
+                raise DataError(
+                    f"the Ray worker on {info.host} sees {info.data[1]} samples in "
+                    f"{info.data[0]} batches at {request.path}, this machine "
+                    f"{source.num_samples} in {source.num_batches}",
+                    "workers must read the same files as the driver (one shared storage)",
+                )
 
     def _shard_tasks(
         self, passes: list[Pass], model_ref: list[Any], shards: list[tuple[int, int]]
@@ -341,57 +232,6 @@ class RayCalibration:
         for pass_index, work in enumerate(passes):
             for position, (start, stop) in enumerate(shards):
                 yield (pass_index, position), _call(work, model_ref, (request, start, stop), None)
-
-    def _run(
-        self, tasks: Iterator[tuple[tuple[int, int], Callable[[Any], Any]]]
-    ) -> Iterator[tuple[tuple[int, int], ShardResult]]:
-        """Run ``tasks`` on the workers, a few at a time each; yield results as they finish.
-
-        Tasks are taken from ``tasks`` only when a worker has room, so batches that travel
-        are read on the driver no faster than the workers calibrate them.
-        """
-        ray = self._ray
-        free = [actor for _ in range(IN_FLIGHT_PER_WORKER) for actor in self._actors]
-        running: dict[Any, tuple[tuple[int, int], Any]] = {}
-        task = next(tasks, None)
-        while task is not None or running:
-            if task is not None and free:
-                position, call = task
-                actor = free.pop(0)
-                running[call(actor)] = (position, actor)
-                task = next(tasks, None)
-                continue
-            [done], _ = ray.wait(list(running), num_returns=1)
-            position, actor = running.pop(done)
-            free.append(actor)
-            yield position, self._result(done)
-
-    def _result(self, ref: Any) -> ShardResult:
-        """A shard's result; a :class:`Failure` on the worker becomes one line."""
-        value = self._value(ref)
-        if isinstance(value, Failure):
-            raise UserError(f"on the Ray worker {value.host}: {value.problem}", value.fix)
-        return value
-
-    def _value(self, ref: Any) -> Any:
-        """A worker's answer; a dead worker (after every retry) becomes one line."""
-        ray = self._ray
-        try:
-            value = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:  # trtq's code failed on the worker: a bug
-            raise RuntimeError(f"a Ray worker failed: {_first_line(exc.cause)}") from exc
-        except ray.exceptions.OutOfMemoryError as exc:
-            raise UserError(
-                f"Ray killed a calibration worker for lack of memory: {_first_line(exc)}",
-                "lower --max-memory or --batch-size, or give the nodes more memory",
-            ) from exc
-        except ray.exceptions.RayError as exc:  # died, and died again on every retry
-            raise UserError(
-                f"a Ray worker died {RETRIES + 1} times: {_first_line(exc)}",
-                "read its log (`ray logs worker-*.err`, or /tmp/ray/session_latest/logs on its "
-                "node); a worker killed for memory needs a lower --max-memory",
-            ) from exc
-        return value
 
     def _note(self, result: ShardResult) -> None:
         worker = f"{result.host}:{result.pid}"
@@ -501,32 +341,6 @@ def _check_counts(
             )
 
 
-def _host_port(address: str) -> tuple[str, int | None]:
-    """('host', port) of ``ray://host:port`` or ``host:port`` (Ray Client's default 10001)."""
-    client = address.startswith("ray://")
-    rest = address.removeprefix("ray://")
-    host, colon, port = rest.rpartition(":")
-    if not colon:
-        return (rest, 10001) if client else (rest, None)
-    host = host.strip("[]")
-    return host, int(port) if port.isdigit() else None
-
-
-def _check_reachable(address: str) -> None:
-    """Ray waits minutes on an address where nothing answers; a TCP connection says at once."""
-    host, port = _host_port(address)
-    if not host or port is None:
-        raise UserError(f"bad Ray address {address!r}", _ADDRESS_FIX)
-    try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise UserError(
-            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}",
-            "start it (`ray start --head`, see the README's 'Calibrating on a Ray cluster') "
-            "or fix the address",
-        ) from exc
-
-
 def _tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:
     return None if values is None else tuple(values)
 
@@ -536,25 +350,3 @@ def _peaks(peaks: dict[str, int]) -> str:
         return "unknown"
     low, high = min(peaks.values()) >> 20, max(peaks.values()) >> 20
     return f"{low} MiB" if low == high else f"{low}-{high} MiB"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def collector_for(ray: str | bool | None) -> AbstractContextManager[Collector | None]:
-    """What observes the activations for the API's ``ray`` argument, as a context.
-
-    None or False: this process (the context gives None); True: a local Ray instance (or
-    ``RAY_ADDRESS``); a string: that Ray address (see :func:`parse_address`).
-    """
-    if ray is None or ray is False:
-        return nullcontext(None)
-    if ray is True:
-        return RayCalibration(None)
-    if isinstance(ray, str):
-        return RayCalibration(ray)
-    raise UserError(
-        f"ray must be None, True or a Ray address, not {type(ray).__name__}", _ADDRESS_FIX
-    )

@@ -13,19 +13,18 @@ Each pass folds activations with :func:`trtq.calib.collect.observe`, the very fu
 the single process runs, and returns the shard's histograms as they are: trtq's
 histograms merge exactly (:mod:`trtq.calib.histogram`), so the driver's merge of the
 shards is, bit for bit, the single process's histogram. A mistake (data the worker cannot
-open, data that does not fit the model) comes back as a :class:`Failure`, one line the
-driver raises; anything else is raised, and Ray reports it to the driver as a bug.
+open, data that does not fit the model) comes back as a
+:class:`~trtq.ray_cluster.Failure`, one line the driver raises; anything else is raised,
+and Ray reports it to the driver as a bug.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -34,26 +33,7 @@ from trtq.calib.collect import Batch, observe, observing_session
 from trtq.calib.data import BatchSource, DataRequest
 from trtq.calib.histogram import Histogram
 from trtq.errors import UserError
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A user mistake seen on a worker: the driver raises it as one line naming the host."""
-
-    host: str
-    problem: str
-    fix: str | None
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """Who a worker is, what it runs, and how it sees the data (None: batches travel)."""
-
-    host: str
-    pid: int
-    versions: dict[str, str]
-    num_batches: int | None
-    num_samples: int | None
+from trtq.ray_cluster import Failure, WorkerInfo
 
 
 @dataclass(frozen=True)
@@ -83,27 +63,6 @@ class ShardResult:
     peak_rss: int
 
 
-def software_versions() -> dict[str, str]:
-    """What must match between the driver and every worker for bit-identical results.
-
-    trtq's version, with a digest of its source (two builds of one version differ), and
-    ONNX Runtime's, which computes the activations.
-    """
-    import onnxruntime
-
-    from trtq import __version__
-
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return {
-        "trtq": f"{__version__} (source {digest.hexdigest()[:12]})",
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -114,7 +73,6 @@ class CalibrationWorker:
 
     def __init__(self, threads: int) -> None:
         self._threads = threads
-        self._host = socket.gethostname()
         self._request: DataRequest | None = None
         self._source: BatchSource | None = None
         self._model_key: str | None = None
@@ -123,18 +81,13 @@ class CalibrationWorker:
         self._session: Any = None
 
     def hello(self, request: DataRequest | None) -> WorkerInfo | Failure:
-        """Versions, and the data opened (a path this worker cannot read fails here)."""
+        """Versions, and the data opened (a path this worker cannot read fails here): its
+        (batches, samples), which must be the driver's."""
         try:
             source = None if request is None else self._data(request)
         except UserError as error:
-            return self._failure(error)
-        return WorkerInfo(
-            self._host,
-            os.getpid(),
-            software_versions(),
-            None if source is None else source.num_batches,
-            None if source is None else source.num_samples,
-        )
+            return Failure.of(error)
+        return WorkerInfo.here(None if source is None else (source.num_batches, source.num_samples))
 
     def observe(
         self,
@@ -164,9 +117,9 @@ class CalibrationWorker:
                 graph, session, work.outputs, data, histograms, first_pass=True
             )
         except UserError as error:
-            return self._failure(error)
+            return Failure.of(error)
         return ShardResult(
-            histograms, num_batches, num_samples, self._host, os.getpid(), peak_rss()
+            histograms, num_batches, num_samples, socket.gethostname(), os.getpid(), peak_rss()
         )
 
     def _data(self, request: DataRequest) -> BatchSource:
@@ -199,6 +152,3 @@ class CalibrationWorker:
             )
             self._session_key = key
         return self._session
-
-    def _failure(self, error: UserError) -> Failure:
-        return Failure(self._host, error.problem, error.fix)

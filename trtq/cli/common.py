@@ -159,10 +159,10 @@ def add_ray_argument(parser: argparse.ArgumentParser) -> None:
         const=True,
         type=flagtypes.ray_address,
         metavar="ADDRESS",
-        help="calibrate on a Ray cluster, bit-identical to one process: ADDRESS as Ray takes "
-        "it (auto, ray://HOST:10001, HOST:6379), or none to start a local instance; workers "
-        "read --calib from the same path (pip install 'trtq[ray]'; README: 'Calibrating on a "
-        "Ray cluster')",
+        help="calibrate (and evaluate nodes, for sensitivity and --target-*) on a Ray cluster, "
+        "with the same results as here: ADDRESS as Ray takes it (auto, ray://HOST:10001, "
+        "HOST:6379), or none to start a local instance; workers read --calib from the same "
+        "path (pip install 'trtq[ray]'; README: 'Running on a Ray cluster')",
     )
 
 

@@ -143,7 +143,7 @@ def shard(text: str) -> Shard:
 
 def ray_address(text: str) -> str:
     """A Ray address: ``auto``, ``local``, ``ray://HOST:PORT`` or ``HOST:PORT`` (not contacted)."""
-    from trtq.calib.ray_backend import parse_address
+    from trtq.ray_cluster import parse_address
 
     return _through(parse_address, text)
 

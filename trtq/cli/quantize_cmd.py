@@ -28,7 +28,7 @@ from trtq.errors import GateFailedError
 from trtq.fileio import write_text
 from trtq.graph import fp16
 from trtq.graph.load import load_model, model_inputs
-from trtq.quantizer import QuantizeResult
+from trtq.quantizer import DEFAULT_BIAS_CORRECTION, DEFAULT_EQUALIZE, QuantizeResult
 from trtq.report import html
 from trtq.report.verify import DEFAULT_SAMPLES, FLOOR_MAX_REL_L2, FLOOR_MIN_COSINE
 from trtq.tune.fallback import Search, format_steps
@@ -146,6 +146,20 @@ def add_parser(subparsers, parents) -> None:
         help="ONNX Runtime providers for calibration (default cpu)",
     )
     calib.add_argument("--no-progress", action="store_true", help="no progress bar")
+    calib.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_BIAS_CORRECTION,
+        help="fold each quantized layer's mean output shift, measured on 64 calibration "
+        "samples, into its bias; kept only if it brings the output closer to FP32 there",
+    )
+    calib.add_argument(
+        "--equalize",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_EQUALIZE,
+        help="cross-layer equalization of Conv -> (ReLU/pooling) -> Conv chains before "
+        "calibration (the FP32 function is unchanged; not with --stats/--cache)",
+    )
     add_ray_argument(calib)
     check = parser.add_argument_group("fidelity check (vs FP32, after writing)")
     check.add_argument(
@@ -244,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
             label_output=args.label_output,
             workers=args.workers,
             ray=args.ray,
+            bias_correction=args.bias_correction,
+            equalize=args.equalize,
         )
     except GateFailedError as exc:
         if isinstance(exc.result, Search):  # the target is out of reach: nothing was written

@@ -14,6 +14,7 @@ from trtq.cli.common import (
     add_evaluation_arguments,
     add_freeze_argument,
     add_placement_arguments,
+    add_ray_argument,
     image_preprocess,
     parse_frozen,
     placement_arguments,
@@ -76,6 +77,7 @@ def add_parser(subparsers, parents) -> None:
         help="ONNX Runtime providers (default cpu)",
     )
     calib.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_ray_argument(parser)
     add_freeze_argument(parser)
     add_data_arguments(parser)
 
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         providers=args.providers.split(",") if args.providers else None,
         progress=not args.no_progress,
+        ray=args.ray,
     )
     payload = {"model": args.model, **found.to_json()}
     if args.report:

@@ -338,7 +338,7 @@ class _Weights:
         fresh = self._names.fresh(f"{name}_equalized")
         copy = numpy_helper.from_array(self.get(name).copy(), fresh)
         self._graph.initializer.append(copy)
-        self._protos[fresh] = copy
+        self._protos[fresh] = self._graph.initializer[-1]  # append copies: keep the graph's own
         self._readers[name] -= 1
         self._readers[fresh] = 1
         node.input[index] = fresh

@@ -136,7 +136,8 @@ class OutputAgreement:
         self._cosine_sum += float(cosine.sum())
         # np.minimum/np.maximum propagate NaN, where Python's min/max depend on argument order.
         self._cosine_min = float(np.minimum(self._cosine_min, cosine.min(initial=math.inf)))
-        diff = np.abs(cand - ref)
+        with np.errstate(invalid="ignore"):  # inf - inf (mask fills on both sides) is NaN: reported
+            diff = np.abs(cand - ref)
         self._diff_sq += float(np.sum(diff * diff))
         self._ref_sq += float(np.sum(ref * ref))
         self._abs_sum += float(diff.sum())

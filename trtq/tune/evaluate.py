@@ -294,8 +294,14 @@ class ProcessPool:
         self._pool.shutdown(cancel_futures=True)
 
 
-def open_executor(job: Job, workers: int = 1) -> Executor:
-    """This process for one worker, a process pool for more."""
+def open_executor(job: Job, workers: int = 1, ray: str | bool | None = None) -> Executor:
+    """This process for one worker, a process pool for more; with ``ray`` (True: a local
+    instance, or an address), the Ray cluster (:mod:`trtq.tune.ray_executor`)."""
+    if ray is not None and ray is not False:
+        from trtq.ray_cluster import address_of
+        from trtq.tune.ray_executor import RayExecutor
+
+        return RayExecutor(job, address_of(ray))
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}", "e.g. --workers 2")
     return InProcess(job) if workers == 1 else ProcessPool(job, workers)

@@ -123,6 +123,9 @@ class Budget:
     workers: int = 1
     providers: Sequence[str] | None = None
     progress: bool = False
+    #: Evaluate on a Ray cluster (True: a local instance, or its address); ``workers`` is
+    #: then how many fallback steps are tried at once.
+    ray: str | bool | None = None
 
     def split(
         self, batches: Iterable[Batch] | None, model: onnx.ModelProto
@@ -240,7 +243,8 @@ def search(prepared: Prepared, evaluation: Evaluation, budget: Budget) -> Search
         found.steps.append(Step(action, decision, precision, score, met, kept, coverage(floats)))
         return met
 
-    with Evaluations(open_executor(job, budget.workers), progress=budget.progress) as evaluate:
+    executor = open_executor(job, budget.workers, budget.ray)
+    with Evaluations(executor, progress=budget.progress) as evaluate:
         try:
             floats = frozenset()
             if not step("start", None, floats, evaluate.one(floats)):

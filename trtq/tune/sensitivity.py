@@ -92,8 +92,10 @@ def measure(
     workers: int = 1,
     providers: Sequence[str] | None = None,
     progress: bool = False,
+    ray: str | bool | None = None,
 ) -> Sensitivity:
-    """The sensitivity of every quantized node of ``prepared`` on ``evaluation``."""
+    """The sensitivity of every quantized node of ``prepared`` on ``evaluation``; on a Ray
+    cluster with ``ray`` (True: a local instance, or its address)."""
     started = time.perf_counter()
     job = make_job(prepared, evaluation, providers=providers)
     decisions = [d for d in prepared.plan.decisions if d.quantized]
@@ -104,7 +106,7 @@ def measure(
     configurations += [frozenset({d.name}) for d in decisions]
     if prepared.mixed is not None:
         configurations.append(everything)
-    with Evaluations(open_executor(job, workers), progress=progress) as evaluate:
+    with Evaluations(open_executor(job, workers, ray), progress=progress) as evaluate:
         scores = evaluate(configurations)
         runs = evaluate.runs
     count = len(decisions)
