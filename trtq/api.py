@@ -10,35 +10,52 @@ flags, call these and print. See ARCHITECTURE.md ("Public API").
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from trtq import quantizer
+from trtq.arguments import (
+    ModelLike,
+    check_bins,
+    check_choice,
+    check_count,
+    check_regex,
+    check_thresholds,
+    evaluation_options,
+    fallback_budget,
+    fidelity_target,
+    load_model_arg,
+    op_names,
+    reused,
+    smooth_quant_option,
+)
 from trtq.calib.cache import DEFAULT_TRT_VERSION, CalibrationStats, TrtCache, trt_version_int
-from trtq.calib.calibrate import calibrate_model, data_inputs, trt_cache
-from trtq.calib.collect import Collector, Shard, parse_memory
+from trtq.calib.calibrate import (
+    cache_from,
+    calibrate_model,
+    data_inputs,
+    stats_for_cache,
+    trt_cache,
+)
+from trtq.calib.collect import Shard, parse_memory
 from trtq.calib.data import ImagePreprocess
 from trtq.calib.data.in_memory import DataLike, as_batches
 from trtq.calib.histogram import DEFAULT_BINS
-from trtq.calib.range_search import QUANTIZE_METHODS, histogram_method
+from trtq.calib.range_search import QUANTIZE_METHODS
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.calib.ray_backend import collector_for
 from trtq.calib.scope import TENSOR_SETS
 from trtq.errors import GateFailedError, UserError
 from trtq.fileio import save_model
 from trtq.graph import fp16, qdq
-from trtq.graph.load import load_model, model_inputs
+from trtq.graph.load import model_inputs
 from trtq.graph.patterns import COMPUTE_OPS
 from trtq.quantizer import CalibrationOptions, QuantizeResult
 from trtq.report.compare import (
-    ComparisonReport,
-    GateResult,
+    Comparison,
     compare_models,
     evaluate_gates,
     resolve_labels,
@@ -46,9 +63,8 @@ from trtq.report.compare import (
 from trtq.report.verify import DEFAULT_SAMPLES, FidelityOptions
 from trtq.runtime import load
 from trtq.trt.pipeline import BuildOutcome, build
-from trtq.tune.fallback import Budget, Target
-from trtq.tune.holdout import DEFAULT_EVAL_SAMPLES, Evaluation, EvaluationOptions
-from trtq.tune.sensitivity import Sensitivity, measure
+from trtq.tune.holdout import DEFAULT_EVAL_SAMPLES
+from trtq.tune.sensitivity import Sensitivity, calibrate_and_measure
 
 __all__ = [
     "BuildOutcome",
@@ -66,8 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: A model: the path of an .onnx file, or the model itself.
-ModelLike = str | Path | onnx.ModelProto
 #: ``precision`` of :func:`quantize`: Q/DQ (int8, fp8) or the whole graph (fp16, bf16).
 PRECISIONS = (*qdq.PRECISIONS, *fp16.LOW_TYPES)
 #: ``high_precision`` of :func:`quantize`: the type of what int8/fp8 leaves unquantized.
@@ -118,6 +132,7 @@ def quantize(
     ray: str | bool | None = None,
     bias_correction: bool = quantizer.DEFAULT_BIAS_CORRECTION,
     equalize: bool = quantizer.DEFAULT_EQUALIZE,
+    smooth_quant: bool | float | None = quantizer.DEFAULT_SMOOTH_QUANT,
 ) -> QuantizeResult:
     """Quantize an FP32 model for TensorRT (``trtq quantize``); the written model is checked.
 
@@ -149,10 +164,15 @@ def quantize(
     ``ray`` calibrates on a Ray cluster (``pip install 'trtq[ray]'``): True for a local
     instance, or an address as Ray takes it (``"auto"``, ``"ray://HOST:10001"``); the
     result is bit-identical to calibrating here (:mod:`trtq.calib.ray_backend`).
+
+    ``smooth_quant`` (:mod:`trtq.graph.smooth`): None (default) smooths the MatMul/Gemm
+    inputs with outlier channels (a transformer's LayerNorm outputs) and leaves the rest;
+    True smooths every one it can, a float in (0, 1] does so with that alpha (default 0.5),
+    False none. Not with ``stats``/``cache`` (automatic smoothing is then off).
     """
-    _check_choice("precision", precision, PRECISIONS)
-    _check_choice("high_precision", high_precision, HIGH_PRECISIONS)
-    _check_choice("method", method, QUANTIZE_METHODS)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("high_precision", high_precision, HIGH_PRECISIONS)
+    check_choice("method", method, QUANTIZE_METHODS)
     if precision in fp16.LOW_TYPES and high_precision != "fp32":
         raise UserError(
             f"high_precision {high_precision!r} with precision {precision!r}",
@@ -160,14 +180,14 @@ def quantize(
         )
     if not 0 < percentile <= 100:
         raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
-    _check_thresholds(min_cosine, max_rel_l2)
-    _check_count("verify_samples", verify_samples)
+    check_thresholds(min_cosine, max_rel_l2)
+    check_count("verify_samples", verify_samples)
     backend = collector_for(ray)  # a bad address fails before any work; contacted if needed
-    loaded, model_path = _load(model, "model")
-    budget = _budget(
+    loaded, model_path = load_model_arg(model, "model")
+    budget = fallback_budget(
         loaded,
-        _target(target_cosine, target_rel_l2, target_drop),
-        _evaluation(
+        fidelity_target(target_cosine, target_rel_l2, target_drop),
+        evaluation_options(
             loaded,
             eval_data,
             eval_samples,
@@ -182,13 +202,14 @@ def quantize(
         progress,
         ray,
     )
-    stats_given, stats_out = _reuse(stats, CalibrationStats, "stats")
-    cache_given, cache_out = _reuse(cache, TrtCache, "cache")
+    stats_given, stats_out = reused(stats, CalibrationStats, "stats")
+    cache_given, cache_out = reused(cache, TrtCache, "cache")
     if equalize and (stats is not None or cache is not None):
         raise UserError(
             "equalize changes the activations that --stats/--cache ranges describe",
             "drop --equalize, or drop --stats/--cache",
         )
+    smoothing, alpha = smooth_quant_option(smooth_quant, stats is not None or cache is not None)
     batches = None
     if calib is not None:
         batches = as_batches(
@@ -199,8 +220,8 @@ def quantize(
     placement = (
         qdq.PlacementOptions(
             precision=precision,
-            include_ops=_names(include_ops),
-            exclude_ops=_names(exclude_ops),
+            include_ops=op_names(include_ops),
+            exclude_ops=op_names(exclude_ops),
             exclude_nodes=exclude_nodes,
             min_channels=min_channels,
         )
@@ -217,7 +238,7 @@ def quantize(
                     "pass --eval DATA for the target",
                 )
             # The cache must cover every tensor TensorRT asks for, not only the planned ones.
-            stats_given = _stats_for_cache(
+            stats_given = stats_for_cache(
                 loaded,
                 batches,
                 placement,
@@ -241,7 +262,7 @@ def quantize(
                 max_abs=max_abs,
                 max_reduction=max_reduction,
                 keep_fp32_nodes=keep_fp32_nodes,
-                keep_fp32_ops=_names(keep_fp32_ops),
+                keep_fp32_ops=op_names(keep_fp32_ops),
             ),
             calibration=CalibrationOptions(
                 method=method,
@@ -252,6 +273,8 @@ def quantize(
                 collector=collector,
                 equalize=equalize,
                 bias_correction=bias_correction,
+                smooth_quant=smoothing,
+                smooth_alpha=alpha,
             ),
             stats=stats_given,
             cache=cache_given,
@@ -267,7 +290,7 @@ def quantize(
         **result.report,
     }
     # A complete, honestly labelled cache or none: refused before anything is written.
-    cache_written = _cache_from(result.stats, cache_out) if cache_out is not None else None
+    cache_written = cache_from(result.stats, cache_out) if cache_out is not None else None
     if output is not None:
         save_model(result.model, output)
     if stats_out is not None and result.stats is not None:
@@ -332,14 +355,14 @@ def calibrate(
     ``"ray://HOST:10001"``). Workers read the data from its path; the statistics are
     bit-identical to calibrating here (:mod:`trtq.calib.ray_backend`).
     """
-    _check_choice("method", method, METHODS)
-    _check_choice("precision", precision, qdq.PRECISIONS)
+    check_choice("method", method, METHODS)
+    check_choice("precision", precision, qdq.PRECISIONS)
     if not 0 < percentile <= 100:
         raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
     tensors = tensors or ("all" if cache is not None else "quantizable")
-    _check_choice("tensors", tensors, TENSOR_SETS)
-    _check_bins(bins)
-    _check_regex("exclude_nodes", exclude_nodes)
+    check_choice("tensors", tensors, TENSOR_SETS)
+    check_bins(bins)
+    check_regex("exclude_nodes", exclude_nodes)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
     backend = collector_for(ray)
     if ray not in (None, False) and shard is not None:
@@ -362,7 +385,7 @@ def calibrate(
             )
         if output is not None and Path(cache).resolve() == Path(output).resolve():
             raise UserError("the cache and the stats would be the same file", "name two files")
-    loaded, _ = _load(model, "model")
+    loaded, _ = load_model_arg(model, "model")
     frozen = {name: np.asarray(value) for name, value in (freeze_inputs or {}).items()}
     batches = as_batches(
         calib,
@@ -377,8 +400,8 @@ def calibrate(
             batches,
             placement=qdq.PlacementOptions(
                 precision=precision,
-                include_ops=_names(include_ops),
-                exclude_ops=_names(exclude_ops),
+                include_ops=op_names(include_ops),
+                exclude_ops=op_names(exclude_ops),
                 exclude_nodes=exclude_nodes,
                 min_channels=min_channels,
             ),
@@ -405,68 +428,6 @@ def calibrate(
             "wrote TensorRT calibration cache %s (%d tensors)", cache, len(cache_written.scales)
         )
     return stats
-
-
-def _stats_for_cache(
-    model: onnx.ModelProto,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    placement: qdq.PlacementOptions | None,
-    frozen: Mapping[str, np.ndarray],
-    method: str,
-    percentile: float,
-    max_memory: int | str | None,
-    providers: Sequence[str] | None,
-    progress: bool,
-    collector: Collector | None,
-) -> CalibrationStats:
-    """quantize writing a TensorRT cache: calibrate as ``trtq calibrate --cache`` would."""
-    if placement is None:
-        raise UserError("a TensorRT cache holds INT8 ranges", "drop --cache with fp16/bf16")
-    if frozen:
-        raise UserError(
-            "a TensorRT cache is for the model TensorRT parses, and --freeze-input changes it",
-            "drop --cache, or calibrate the frozen model (trtq normalize --freeze-input) instead",
-        )
-    if iter(batches) is batches:
-        raise UserError(
-            "writing a TensorRT cache reads the data twice (calibration, then the check), "
-            "but it can be read only once",
-            "pass a file or folder, or a list of batches",
-        )
-    return calibrate_model(
-        model,
-        batches,
-        placement=placement,
-        tensors="all",
-        method=histogram_method(method),
-        percentile=percentile,
-        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
-        providers=providers,
-        progress=progress,
-        collector=collector,
-    )
-
-
-def _cache_from(stats: CalibrationStats | None, path: Path) -> TrtCache:
-    if stats is None:
-        raise UserError(f"nothing to write to {path}", "pass --calib DATA to calibrate")
-    return trt_cache(stats, trt_version=DEFAULT_TRT_VERSION)
-
-
-def _check_bins(bins: int) -> None:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins & (bins - 1):
-        raise UserError(f"bins must be a power of two >= 2, got {bins!r}", "e.g. 2048")
-
-
-def _check_regex(what: str, pattern: str | None) -> None:
-    if pattern is None:
-        return
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise UserError(
-            f"{what}: {pattern!r} is not a regular expression ({exc})", "fix it"
-        ) from exc
 
 
 # --- sensitivity, and fidelity targets -------------------------------------------------
@@ -506,15 +467,15 @@ def sensitivity(
     2N + 1 evaluations, or with ``ray`` (True: a local instance, or an address as Ray
     takes it) the workers of a Ray cluster, which also calibrate.
     """
-    _check_choice("precision", precision, qdq.PRECISIONS)
-    _check_choice("high_precision", high_precision, HIGH_PRECISIONS)
-    _check_choice("method", method, METHODS)
+    check_choice("precision", precision, qdq.PRECISIONS)
+    check_choice("high_precision", high_precision, HIGH_PRECISIONS)
+    check_choice("method", method, METHODS)
     if not 0 < percentile <= 100:
         raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
-    _check_count("workers", workers)
-    _check_regex("exclude_nodes", exclude_nodes)
-    loaded, _ = _load(model, "model")
-    evaluation = _evaluation(
+    check_count("workers", workers)
+    check_regex("exclude_nodes", exclude_nodes)
+    loaded, _ = load_model_arg(model, "model")
+    evaluation = evaluation_options(
         loaded, eval_data, eval_samples, None, None, None, batch_size, preprocess
     )
     batches = as_batches(
@@ -522,7 +483,7 @@ def sensitivity(
     )
     batches, held_out = evaluation.split(batches, loaded)
     with collector_for(ray) as collector:
-        return _sensitivity(
+        return calibrate_and_measure(
             loaded,
             batches,
             held_out,
@@ -536,8 +497,8 @@ def sensitivity(
             ),
             qdq.PlacementOptions(
                 precision=precision,
-                include_ops=_names(include_ops),
-                exclude_ops=_names(exclude_ops),
+                include_ops=op_names(include_ops),
+                exclude_ops=op_names(exclude_ops),
                 exclude_nodes=exclude_nodes,
                 min_channels=min_channels,
             ),
@@ -548,143 +509,7 @@ def sensitivity(
         )
 
 
-def _sensitivity(
-    loaded: onnx.ModelProto,
-    batches: Iterable[Mapping[str, np.ndarray]] | None,
-    held_out: Evaluation,
-    calibration: CalibrationOptions,
-    placement: qdq.PlacementOptions,
-    high_precision: str,
-    freeze_inputs: Mapping[str, Any] | None,
-    workers: int,
-    ray: str | bool | None,
-) -> Sensitivity:
-    """Calibrate once, then measure every node (the part of :func:`sensitivity` that may
-    run on a Ray cluster)."""
-    prepared = quantizer.prepare(
-        loaded,
-        batches,
-        placement=placement,
-        mixed=None
-        if high_precision == "fp32"
-        else fp16.MixedPrecisionOptions(precision=high_precision),
-        calibration=calibration,
-        frozen={name: np.asarray(value) for name, value in (freeze_inputs or {}).items()},
-    )
-    return measure(
-        prepared,
-        held_out,
-        method=calibration.method,
-        workers=workers,
-        providers=calibration.providers,
-        progress=calibration.progress,
-        ray=ray,
-    )
-
-
-def _target(
-    min_cosine: float | None, max_rel_l2: float | None, max_drop: float | None
-) -> Target | None:
-    """``quantize``'s fidelity target, or None when none is asked for."""
-    if min_cosine is None and max_rel_l2 is None and max_drop is None:
-        return None
-    if min_cosine is not None and not -1 <= min_cosine <= 1:
-        raise UserError(f"target_cosine must be in [-1, 1], got {min_cosine}", "e.g. 0.995")
-    if max_rel_l2 is not None and not max_rel_l2 >= 0:
-        raise UserError(f"target_rel_l2 must be >= 0, got {max_rel_l2}", "e.g. 0.1")
-    if max_drop is not None and not 0 <= max_drop <= 100:
-        raise UserError(f"target_drop must be 0 to 100 points, got {max_drop}", "e.g. 0.5")
-    return Target(min_cosine, max_rel_l2, max_drop)
-
-
-def _budget(
-    model: onnx.ModelProto,
-    target: Target | None,
-    evaluation: EvaluationOptions,
-    workers: int,
-    providers: Sequence[str] | None,
-    progress: bool,
-    ray: str | bool | None = None,
-) -> Budget | None:
-    """The fallback ``quantize`` runs for a target, or None; evaluation data needs a target."""
-    _check_count("workers", workers)
-    if target is None:
-        if evaluation.data is not None:
-            raise UserError(
-                "evaluation data is for a fidelity target, and none was given",
-                "add --target-cosine, --target-rel-l2 or --target-drop, or drop --eval",
-            )
-        return None
-    return Budget(target, evaluation, workers, providers, progress, ray)
-
-
-def _evaluation(
-    model: onnx.ModelProto,
-    data: DataLike | None,
-    samples: int,
-    labels: np.ndarray | str | Path | None,
-    label_output: str | None,
-    target_drop: float | None,
-    batch_size: int | None,
-    preprocess: ImagePreprocess | None,
-) -> EvaluationOptions:
-    """Where the samples that judge a node come from: ``data``, or held out of calibration."""
-    _check_count("eval_samples", samples)
-    if labels is not None and target_drop is None:
-        raise UserError("labels are for an accuracy target", "add --target-drop PTS, or drop them")
-    if data is None:
-        if labels is not None:
-            raise UserError("labels go with evaluation data", "pass --eval DATA too")
-        return EvaluationOptions(samples=samples)
-    inputs = model_inputs(model)
-    read = isinstance(data, str | Path)
-    batches = as_batches(
-        data,
-        inputs,
-        batch_size=batch_size if read else None,
-        limit=samples if read else None,
-        preprocess=preprocess if read else None,
-    )
-    found = None
-    if target_drop is not None:
-        found, _ = resolve_labels(labels, data, [spec.name for spec in inputs], samples)
-        if found is None:
-            raise UserError(
-                "--target-drop needs labels",
-                "pass --labels PATH[:KEY], or --eval data in an .npz with a 'labels' array",
-            )
-    return EvaluationOptions(batches, samples, found, label_output)
-
-
 # --- compare ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """What :func:`compare` measured: per output agreement, accuracy if labelled, gates."""
-
-    reference: str
-    candidate: str
-    data: str
-    labels: str | None
-    report: ComparisonReport
-    gates: list[GateResult]
-
-    @property
-    def passed(self) -> bool:
-        """Every gate that was asked for passed (True when none was)."""
-        return all(gate.passed for gate in self.gates)
-
-    def to_json(self) -> dict:
-        return {
-            "reference": self.reference,
-            "candidate": self.candidate,
-            "data": self.data,
-            **({"labels": self.labels} if self.labels else {}),
-            **self.report.to_json(),
-            "gates": [gate.to_json() for gate in self.gates],
-            "passed": self.passed,
-        }
 
 
 def compare(
@@ -713,12 +538,12 @@ def compare(
     points, needs labels) are gates: when one breaks,
     :class:`~trtq.errors.GateFailedError` is raised, carrying the :class:`Comparison`.
     """
-    _check_thresholds(min_cosine, max_rel_l2)
+    check_thresholds(min_cosine, max_rel_l2)
     if max_drop is not None and not max_drop >= 0:
         raise UserError(f"max_drop must be >= 0 points, got {max_drop}", "e.g. 0.5")
     # Read both now so that a missing or non-ONNX model is reported before any work.
-    ref_model, ref_path = _load(reference, "reference", load_external_data=False)
-    _, cand_path = _load(candidate, "candidate", load_external_data=False)
+    ref_model, ref_path = load_model_arg(reference, "reference", load_external_data=False)
+    _, cand_path = load_model_arg(candidate, "candidate", load_external_data=False)
     inputs = model_inputs(ref_model)
     batches = as_batches(data, inputs, batch_size=batch_size, limit=limit, preprocess=preprocess)
     label_array, labels_from = resolve_labels(labels, data, [spec.name for spec in inputs], limit)
@@ -749,59 +574,3 @@ def compare(
             "; ".join(gate.detail for gate in gates if not gate.passed), comparison
         )
     return comparison
-
-
-# --- argument checks shared by the API functions ----------------------------------------
-
-
-def _load(
-    model: ModelLike, what: str, *, load_external_data: bool = True
-) -> tuple[onnx.ModelProto, str | None]:
-    """(the model, its path or None) from a path or a ModelProto."""
-    if isinstance(model, onnx.ModelProto):
-        return model, None
-    if isinstance(model, str | Path):
-        return load_model(model, load_external_data=load_external_data), str(model)
-    raise UserError(
-        f"{what} must be the path of an .onnx file or an onnx.ModelProto, "
-        f"not {type(model).__name__}",
-        "pass the file's path",
-    )
-
-
-def _reuse(value: Any, kind: type, what: str) -> tuple[Any, Path | None]:
-    """(ranges to use, path to write them to): an object, or a path read if it exists."""
-    if value is None:
-        return None, None
-    if isinstance(value, kind):
-        return value, None
-    if isinstance(value, str | Path):
-        path = Path(value)
-        return (kind.read(path), None) if path.exists() else (None, path)
-    raise UserError(
-        f"{what} must be a path or a {kind.__name__}, not {type(value).__name__}",
-        f"pass the {what} file's path",
-    )
-
-
-def _check_choice(what: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UserError(f"unknown {what} {value!r}", f"use one of: {', '.join(choices)}")
-
-
-def _check_thresholds(min_cosine: float | None, max_rel_l2: float | None) -> None:
-    if min_cosine is not None and not -1 <= min_cosine <= 1:
-        raise UserError(f"min_cosine must be in [-1, 1], got {min_cosine}", "e.g. 0.99")
-    if max_rel_l2 is not None and not max_rel_l2 >= 0:
-        raise UserError(f"max_rel_l2 must be >= 0, got {max_rel_l2}", "e.g. 0.1")
-
-
-def _check_count(what: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{what} must be a positive integer, got {value!r}", "e.g. 64")
-
-
-def _names(value: str | Iterable[str]) -> frozenset[str]:
-    """Op names as a set; a string is comma-separated ("Conv,Gemm"), not a set of letters."""
-    items = value.split(",") if isinstance(value, str) else value
-    return frozenset(name.strip() for name in items if name.strip())

@@ -33,7 +33,7 @@ from trtq.calib import bias_correction, range_search
 from trtq.calib.bias_correction import BiasCorrector
 from trtq.calib.cache import CalibrationStats, TrtCache
 from trtq.calib.calibrate import calibrate, choose_ranges
-from trtq.calib.collect import Batch, Collector, observe_shapes, peek
+from trtq.calib.collect import Batch, Collector, batch_size, observe_shapes, peek
 from trtq.calib.ranges import DEFAULT_METHOD, TensorRange
 from trtq.calib.scope import (
     CalibrationScope,
@@ -44,7 +44,7 @@ from trtq.calib.scope import (
     planning_graph,
 )
 from trtq.errors import ModelError, UserError
-from trtq.graph import coverage, fp16, invariants, qdq
+from trtq.graph import coverage, fp16, invariants, qdq, smooth
 from trtq.graph.equalize import equalize
 from trtq.graph.inspect import summarize
 from trtq.graph.load import check_model
@@ -66,6 +66,8 @@ BF16_MIN_OPSET = 22
 #: Weight algorithms on by default only where bench/weight_algorithms.py measured a gain.
 DEFAULT_EQUALIZE = False
 DEFAULT_BIAS_CORRECTION = False
+#: SmoothQuant: None smooths only activations with outlier channels (graph.smooth).
+DEFAULT_SMOOTH_QUANT: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ class CalibrationOptions:
     equalize: bool = DEFAULT_EQUALIZE
     #: Each quantized layer's mean output shift folded into its bias (calib.bias_correction).
     bias_correction: bool = DEFAULT_BIAS_CORRECTION
+    #: SmoothQuant of MatMul/Gemm inputs (graph.smooth): True, False, or None for automatic
+    #: (only activations with outlier channels; off when ranges are reused).
+    smooth_quant: bool | None = DEFAULT_SMOOTH_QUANT
+    smooth_alpha: float = smooth.DEFAULT_ALPHA
 
 
 @dataclass
@@ -124,6 +130,8 @@ class Prepared:
     equalization: dict | None = None
     #: Calibration samples bias correction measures on (None: not asked, or no data).
     bias_samples: SampleKeeper | None = None
+    #: What SmoothQuant did (None: not asked, or nothing to smooth).
+    smoothing: dict | None = None
 
 
 def quantize(
@@ -222,6 +230,8 @@ def quantize(
         report["range_search"] = prepared.range_search
     if prepared.equalization is not None:
         report["equalization"] = prepared.equalization
+    if prepared.smoothing is not None:
+        report["smooth_quant"] = prepared.smoothing
     if corrector is not None and corrector.record is not None:
         report["bias_correction"] = corrector.record.to_json()
     if search is not None:
@@ -263,6 +273,9 @@ def prepare(
     equalization = None
     if calibration.equalize and placement is not None:
         model, equalization = _equalized(model, fresh_stats)
+    smoothing = None
+    if placement is not None and batches is not None and calibration.smooth_quant is not False:
+        model, batches, smoothing = _smoothed(model, batches, calibration, fresh_stats)
     if mixed is not None and mixed.precision == "bf16":
         model = _upgrade_for_bf16(model)
     kept = SampleKeeper(batches, keep, model) if batches is not None and keep else None
@@ -326,6 +339,7 @@ def prepare(
         searched.to_json() if searched is not None else None,
         equalization,
         bias_samples,
+        smoothing,
     )
 
 
@@ -374,6 +388,31 @@ def _equalized(model: onnx.ModelProto, fresh: bool) -> tuple[onnx.ModelProto, di
         )
     model, record = equalize(model)
     return model, record.to_json()
+
+
+def _smoothed(
+    model: onnx.ModelProto, batches: Iterable[Batch], calibration: CalibrationOptions, fresh: bool
+) -> tuple[onnx.ModelProto, Iterable[Batch], dict | None]:
+    """SmoothQuant (:mod:`trtq.graph.smooth`) on per-channel maxima of the first samples,
+    before calibration observes; returns the batches to calibrate on (the same ones)."""
+    explicit = calibration.smooth_quant is True
+    if not fresh:
+        if explicit:
+            raise UserError(
+                "SmoothQuant changes the activations that reused ranges (--stats/--cache) "
+                "were observed on",
+                "drop --smooth-quant, or calibrate here with --calib",
+            )
+        return model, batches, None
+    sites, _ = smooth.find_sites(model)
+    if not sites or not (explicit or any(site.layer_norm for site in sites)):
+        return model, batches, None  # automatic: only transformers (LayerNorm -> MatMul)
+    taken, batches = smooth.first_batches(batches, smooth.DEFAULT_SAMPLES, model)
+    tensors = [site.tensor for site in sites]
+    maxima = smooth.channel_maxima(model, tensors, taken, calibration.providers)
+    model, record = smooth.smooth(model, maxima, calibration.smooth_alpha, automatic=not explicit)
+    record.samples = sum(batch_size(b, model) for b in taken)
+    return model, batches, record.to_json()
 
 
 def fp16_limits(stats: CalibrationStats | None) -> dict[str, float]:

@@ -42,16 +42,17 @@ CPUS_PER_WORKER = 1
 IN_FLIGHT_PER_WORKER = 2
 #: Seconds to wait for a TCP connection to the cluster before calling it unreachable.
 CONNECT_TIMEOUT_S = 5.0
-#: Seconds to wait for the workers to start (a cluster without a free CPU never starts one).
+#: Seconds to wait for the workers to start (a cluster without a free CPU never starts one);
+#: after the first :data:`START_PATIENCE_S` the wait is logged.
 START_TIMEOUT_S = 600.0
+START_PATIENCE_S = 30.0
 
 ADDRESS_FIX = (
     "give auto (a cluster started on this machine with `ray start`), ray://HOST:10001 "
     "(Ray Client) or HOST:6379 (the head node); --ray alone starts a local instance"
 )
 _START_FIX = (
-    "start it (`ray start --head`, see the README's 'Running on a Ray cluster') or fix "
-    "the address"
+    "start it (`ray start --head`, see the README's 'Running on a Ray cluster') or fix the address"
 )
 
 
@@ -184,7 +185,17 @@ class RayCluster:
         )
         self.actors = [remote.remote(CPUS_PER_WORKER) for _ in range(count)]
         pending = [actor.hello.remote(*hello) for actor in self.actors]
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=START_TIMEOUT_S)
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=START_PATIENCE_S)
+        if len(ready) < len(pending):
+            log.warning(
+                "waiting for %d of %d Ray workers to start (free CPUs: %s)",
+                len(pending) - len(ready),
+                len(pending),
+                ray.available_resources().get("CPU", 0),
+            )
+            ready, _ = ray.wait(
+                pending, num_returns=len(pending), timeout=START_TIMEOUT_S - START_PATIENCE_S
+            )
         if len(ready) < len(pending):
             raise UserError(
                 f"{len(pending) - len(ready)} of {len(pending)} Ray workers did not start "
@@ -245,13 +256,17 @@ class RayCluster:
                 "node); a worker killed for memory needs a lower --max-memory",
             ) from exc
 
+    def stop_workers(self) -> None:
+        """Stop the workers, giving their CPUs back (the next :meth:`start` starts anew)."""
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+
     def close(self) -> None:
         """Stop the workers; disconnect if the connection was made here."""
         if self._ray is None:
             return
-        for actor in self.actors:
-            self._ray.kill(actor)
-        self.actors = []
+        self.stop_workers()
         if self._connected_here:
             self._ray.shutdown()
             self._connected_here = False

@@ -19,9 +19,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from trtq.calib.cache import ALGORITHMS, CalibrationStats, TrtCache, merge_stats
-from trtq.calib.collect import Batch, Collector, Shard, collect
+from trtq.calib.cache import (
+    ALGORITHMS,
+    DEFAULT_TRT_VERSION,
+    CalibrationStats,
+    TrtCache,
+    merge_stats,
+)
+from trtq.calib.collect import Batch, Collector, Shard, collect, parse_memory
 from trtq.calib.histogram import DEFAULT_BINS
+from trtq.calib.range_search import histogram_method
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS, TensorRange, compute_range
 from trtq.calib.scope import (
     TENSOR_SETS,
@@ -296,3 +303,50 @@ def trt_cache(stats: CalibrationStats, *, trt_version: str) -> TrtCache:
 def _spike_guarded(method: str, found: TensorRange) -> bool:
     """Whether entropy's spike guard (:data:`trtq.calib.ranges.ENTROPY_MAX_CLIPPED`) chose it."""
     return method == "entropy" and found.method == "mse" and bool(found.reason)
+
+
+def stats_for_cache(
+    model: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    placement: qdq.PlacementOptions | None,
+    frozen: Mapping[str, np.ndarray],
+    method: str,
+    percentile: float,
+    max_memory: int | str | None,
+    providers: Sequence[str] | None,
+    progress: bool,
+    collector: Collector | None,
+) -> CalibrationStats:
+    """``quantize`` writing a TensorRT cache: calibrate as ``trtq calibrate --cache`` would."""
+    if placement is None:
+        raise UserError("a TensorRT cache holds INT8 ranges", "drop --cache with fp16/bf16")
+    if frozen:
+        raise UserError(
+            "a TensorRT cache is for the model TensorRT parses, and --freeze-input changes it",
+            "drop --cache, or calibrate the frozen model (trtq normalize --freeze-input) instead",
+        )
+    if iter(batches) is batches:
+        raise UserError(
+            "writing a TensorRT cache reads the data twice (calibration, then the check), "
+            "but it can be read only once",
+            "pass a file or folder, or a list of batches",
+        )
+    return calibrate_model(
+        model,
+        batches,
+        placement=placement,
+        tensors="all",
+        method=histogram_method(method),
+        percentile=percentile,
+        max_memory=parse_memory(max_memory) if isinstance(max_memory, str) else max_memory,
+        providers=providers,
+        progress=progress,
+        collector=collector,
+    )
+
+
+def cache_from(stats: CalibrationStats | None, path: Path) -> TrtCache:
+    """The TensorRT cache ``quantize`` writes to ``path`` from the stats it calibrated."""
+    if stats is None:
+        raise UserError(f"nothing to write to {path}", "pass --calib DATA to calibrate")
+    return trt_cache(stats, trt_version=DEFAULT_TRT_VERSION)

@@ -108,7 +108,38 @@ class RayCalibration:
         shard: Shard | None = None,
         progress: bool = True,
     ) -> Collection:
-        """Histograms of ``tensors`` over all the data, observed by the Ray workers."""
+        """Histograms of ``tensors`` over all the data, observed by the Ray workers.
+
+        The workers are stopped when it returns: their CPUs go back to the cluster (node
+        evaluations of ``--target-*`` and ``trtq sensitivity`` start their own workers).
+        """
+        try:
+            return self._collect(
+                model,
+                tensors,
+                batches,
+                bins=bins,
+                max_memory=max_memory,
+                providers=providers,
+                shard=shard,
+                progress=progress,
+            )
+        finally:
+            self._cluster.stop_workers()
+
+    def _collect(
+        self,
+        model: onnx.ModelProto,
+        tensors: Sequence[str],
+        batches: Iterable[Batch],
+        *,
+        bins: int = DEFAULT_BINS,
+        max_memory: int | None = None,
+        providers: Sequence[str] | None = None,
+        shard: Shard | None = None,
+        progress: bool = True,
+    ) -> Collection:
+        """:meth:`__call__`, leaving the workers running (the caller stops them)."""
         if shard is not None:
             raise UserError("--shard with --ray", "drop --shard: Ray shards the data itself")
         input_names = {v.name for v in model.graph.input}

@@ -28,7 +28,13 @@ from trtq.errors import GateFailedError
 from trtq.fileio import write_text
 from trtq.graph import fp16
 from trtq.graph.load import load_model, model_inputs
-from trtq.quantizer import DEFAULT_BIAS_CORRECTION, DEFAULT_EQUALIZE, QuantizeResult
+from trtq.graph.smooth import DEFAULT_ALPHA as SMOOTH_ALPHA
+from trtq.quantizer import (
+    DEFAULT_BIAS_CORRECTION,
+    DEFAULT_EQUALIZE,
+    DEFAULT_SMOOTH_QUANT,
+    QuantizeResult,
+)
 from trtq.report import html
 from trtq.report.verify import DEFAULT_SAMPLES, FLOOR_MAX_REL_L2, FLOOR_MIN_COSINE
 from trtq.tune.fallback import Search, format_steps
@@ -160,6 +166,25 @@ def add_parser(subparsers, parents) -> None:
         help="cross-layer equalization of Conv -> (ReLU/pooling) -> Conv chains before "
         "calibration (the FP32 function is unchanged; not with --stats/--cache)",
     )
+    calib.add_argument(
+        "--smooth-quant",
+        nargs="?",
+        const=True,
+        default=DEFAULT_SMOOTH_QUANT,
+        type=flagtypes.number(0.0, 1.0, low_open=True),
+        metavar="ALPHA",
+        help="SmoothQuant: move MatMul/Gemm input outlier channels into the weights, folded "
+        f"into the LayerNorm before them (ALPHA, default {SMOOTH_ALPHA:g}: how much moves). "
+        "Default: on for transformers (LayerNorm -> MatMul), for inputs with outlier channels "
+        "(not with --stats/--cache); the FP32 function is unchanged",
+    )
+    calib.add_argument(
+        "--no-smooth-quant",
+        dest="smooth_quant",
+        action="store_const",
+        const=False,
+        help="no SmoothQuant, not even where outlier channels are found",
+    )
     add_ray_argument(calib)
     check = parser.add_argument_group("fidelity check (vs FP32, after writing)")
     check.add_argument(
@@ -260,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
             ray=args.ray,
             bias_correction=args.bias_correction,
             equalize=args.equalize,
+            smooth_quant=args.smooth_quant,
         )
     except GateFailedError as exc:
         if isinstance(exc.result, Search):  # the target is out of reach: nothing was written
@@ -308,6 +334,12 @@ def format_report(report: dict) -> str:
         for node in report["float_nodes"]:
             lines.append(
                 f"  float: {node['name']} ({node['op']}, {node['macs']:,} MACs): {node['reason']}"
+            )
+        for site in report.get("smooth_quant", {}).get("smoothed", []):
+            lines.append(
+                f"  smoothed: {site['tensor']} -> {', '.join(site['consumers'])}: s "
+                f"{site['scale_min']:.3g}..{site['scale_max']:.3g}, channel max/median "
+                f"{site['outlier_ratio_before']:.1f} -> {site['outlier_ratio_after']:.1f}"
             )
     mixed = report.get("mixed_precision")
     if mixed:

@@ -452,3 +452,31 @@ def _output_table(outputs: Mapping[str, Agreement]) -> list[str]:
         ).rstrip()
         for row in rows
     ]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``trtq.compare`` measured: per output agreement, accuracy if labelled, gates."""
+
+    reference: str
+    candidate: str
+    data: str
+    labels: str | None
+    report: ComparisonReport
+    gates: list[GateResult]
+
+    @property
+    def passed(self) -> bool:
+        """Every gate that was asked for passed (True when none was)."""
+        return all(gate.passed for gate in self.gates)
+
+    def to_json(self) -> dict:
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "data": self.data,
+            **({"labels": self.labels} if self.labels else {}),
+            **self.report.to_json(),
+            "gates": [gate.to_json() for gate in self.gates],
+            "passed": self.passed,
+        }

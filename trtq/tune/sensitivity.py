@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from trtq.graph import qdq
-from trtq.quantizer import Prepared
+import numpy as np
+import onnx
+
+from trtq import quantizer
+from trtq.graph import fp16, qdq
+from trtq.quantizer import CalibrationOptions, Prepared
 from trtq.report.compare import ComparisonReport
 from trtq.report.metrics import json_number
 from trtq.tune.evaluate import Evaluations, make_job, open_executor, score_json, worst
@@ -186,3 +191,36 @@ def _cells(score: ComparisonReport) -> tuple[str, str]:
 def _figures(score: ComparisonReport) -> str:
     cosine, rel_l2 = worst(score)
     return f"mean cosine {cosine:.6f}, rel L2 {rel_l2:.4g}"
+
+
+def calibrate_and_measure(
+    loaded: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]] | None,
+    held_out: Evaluation,
+    calibration: CalibrationOptions,
+    placement: qdq.PlacementOptions,
+    high_precision: str,
+    freeze_inputs: Mapping[str, Any] | None,
+    workers: int,
+    ray: str | bool | None,
+) -> Sensitivity:
+    """Calibrate once, then measure every node (``trtq.sensitivity`` after its checks)."""
+    prepared = quantizer.prepare(
+        loaded,
+        batches,
+        placement=placement,
+        mixed=None
+        if high_precision == "fp32"
+        else fp16.MixedPrecisionOptions(precision=high_precision),
+        calibration=calibration,
+        frozen={name: np.asarray(value) for name, value in (freeze_inputs or {}).items()},
+    )
+    return measure(
+        prepared,
+        held_out,
+        method=calibration.method,
+        workers=workers,
+        providers=calibration.providers,
+        progress=calibration.progress,
+        ray=ray,
+    )

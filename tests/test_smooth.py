@@ -1,0 +1,421 @@
+"""SmoothQuant: the FP32 function is unchanged, outlier channels stop costing INT8 its levels,
+Q/K/V share one scale, unrolled LayerNorms and post-LN residual readers are handled."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run
+from onnx import TensorProto, helper, numpy_helper
+
+from trtq.graph.smooth import channel_maxima, find_sites, first_batches, outlier_ratio, smooth
+from trtq.quantizer import CalibrationOptions, quantize
+
+WIDTH, SEQ = 64, 16
+OUTLIER_CHANNELS = [3, 17, 40]
+QUIET = {"progress": False}
+
+
+def _gamma(rng: np.random.Generator, outliers: bool) -> np.ndarray:
+    """A LayerNorm scale; with ``outliers`` a few channels 50x the rest (as in BERT)."""
+    gamma = rng.uniform(0.8, 1.2, WIDTH).astype(np.float32)
+    if outliers:
+        gamma[OUTLIER_CHANNELS] *= 50.0
+    return gamma
+
+
+def layer_norm(
+    nodes: list, arrays: dict, x: str, out: str, prefix: str, gamma: np.ndarray, unrolled: bool
+) -> None:
+    """LayerNormalization over the last axis, as one op or as exporters unroll it."""
+    rng = np.random.default_rng(len(nodes))
+    arrays[f"{prefix}_gamma"] = gamma
+    arrays[f"{prefix}_beta"] = rng.normal(0, 0.1, WIDTH).astype(np.float32)
+    if not unrolled:
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization",
+                [x, f"{prefix}_gamma", f"{prefix}_beta"],
+                [out],
+                name=prefix,
+                axis=-1,
+            )
+        )
+        return
+    arrays[f"{prefix}_two"] = np.array(2.0, np.float32)
+    arrays[f"{prefix}_eps"] = np.array(1e-5, np.float32)
+    p = prefix
+    nodes += [
+        helper.make_node("ReduceMean", [x], [f"{p}_mean"], name=f"{p}_rm1", axes=[-1]),
+        helper.make_node("Sub", [x, f"{p}_mean"], [f"{p}_d"], name=f"{p}_sub"),
+        helper.make_node("Pow", [f"{p}_d", f"{p}_two"], [f"{p}_sq"], name=f"{p}_pow"),
+        helper.make_node("ReduceMean", [f"{p}_sq"], [f"{p}_var"], name=f"{p}_rm2", axes=[-1]),
+        helper.make_node("Add", [f"{p}_var", f"{p}_eps"], [f"{p}_ve"], name=f"{p}_add_eps"),
+        helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_std"], name=f"{p}_sqrt"),
+        helper.make_node("Div", [f"{p}_d", f"{p}_std"], [f"{p}_n"], name=f"{p}_div"),
+        helper.make_node("Mul", [f"{p}_n", f"{p}_gamma"], [f"{p}_g"], name=f"{p}_mul"),
+        helper.make_node("Add", [f"{p}_g", f"{p}_beta"], [out], name=f"{p}_add"),
+    ]
+
+
+def _model(nodes: list, arrays: dict, outputs: list[str]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "smooth",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", SEQ, WIDTH])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def projections_model(
+    *, unrolled: bool = False, outliers: bool = True, heads: int = 3, residual: bool = False
+) -> onnx.ModelProto:
+    """x -> LayerNorm -> ``heads`` MatMul projections (Q, K, V), each a graph output;
+    with ``residual`` the LayerNorm output is also added back (a post-LN reader)."""
+    rng = np.random.default_rng(0)
+    nodes: list = []
+    arrays: dict = {}
+    layer_norm(nodes, arrays, "x", "ln_out", "ln", _gamma(rng, outliers), unrolled)
+    outputs = []
+    for i, name in enumerate("qkv"[:heads]):
+        arrays[f"w_{name}"] = rng.normal(0, 0.1, (WIDTH, WIDTH)).astype(np.float32)
+        nodes.append(
+            helper.make_node("MatMul", ["ln_out", f"w_{name}"], [name], name=f"{name}_proj")
+        )
+        outputs.append(name)
+        if i == 0 and residual:
+            nodes.append(helper.make_node("Add", ["ln_out", name], ["res"], name="residual"))
+            outputs[-1] = "res"
+    return _model(nodes, arrays, outputs)
+
+
+def bert_like_model(*, unrolled: bool = False, outliers: bool = True, layers: int = 2):
+    """A post-LN transformer encoder (BERT's layout): attention with 4 heads and an FFN per
+    layer, every LayerNorm output also read by the next residual Add."""
+    rng = np.random.default_rng(1)
+    nodes: list = []
+    arrays: dict = {
+        "heads_shape": np.array([0, 0, 4, WIDTH // 4], np.int64),
+        "merge_shape": np.array([0, 0, WIDTH], np.int64),
+        "inv_sqrt_d": np.array(1.0 / np.sqrt(WIDTH // 4), np.float32),
+        "gelu_k": np.array(1.702, np.float32),
+    }
+
+    def linear(x: str, out: str, name: str, n_in: int, n_out: int) -> None:
+        arrays[f"{name}_w"] = rng.normal(0, 1 / np.sqrt(n_in), (n_in, n_out)).astype(np.float32)
+        arrays[f"{name}_b"] = rng.normal(0, 0.02, n_out).astype(np.float32)
+        nodes.append(helper.make_node("MatMul", [x, f"{name}_w"], [f"{out}_mm"], name=name))
+        nodes.append(
+            helper.make_node("Add", [f"{out}_mm", f"{name}_b"], [out], name=f"{name}_bias")
+        )
+
+    def heads(x: str, out: str, perm: list[int]) -> None:
+        nodes.append(
+            helper.make_node("Reshape", [x, "heads_shape"], [f"{out}_r"], name=f"{out}_rs")
+        )
+        nodes.append(helper.make_node("Transpose", [f"{out}_r"], [out], name=f"{out}_t", perm=perm))
+
+    layer_norm(nodes, arrays, "x", "h0", "emb_ln", _gamma(rng, outliers), unrolled)
+    h = "h0"
+    for i in range(layers):
+        p = f"l{i}"
+        for proj in "qkv":
+            linear(h, f"{p}_{proj}", f"{p}_{proj}_proj", WIDTH, WIDTH)
+        heads(f"{p}_q", f"{p}_qh", [0, 2, 1, 3])
+        heads(f"{p}_k", f"{p}_kh", [0, 2, 3, 1])
+        heads(f"{p}_v", f"{p}_vh", [0, 2, 1, 3])
+        nodes += [
+            helper.make_node("MatMul", [f"{p}_qh", f"{p}_kh"], [f"{p}_s"], name=f"{p}_scores"),
+            helper.make_node("Mul", [f"{p}_s", "inv_sqrt_d"], [f"{p}_ss"], name=f"{p}_scale"),
+            helper.make_node("Softmax", [f"{p}_ss"], [f"{p}_a"], name=f"{p}_softmax", axis=-1),
+            helper.make_node("MatMul", [f"{p}_a", f"{p}_vh"], [f"{p}_c"], name=f"{p}_context"),
+            helper.make_node(
+                "Transpose", [f"{p}_c"], [f"{p}_ct"], name=f"{p}_ct", perm=[0, 2, 1, 3]
+            ),
+            helper.make_node("Reshape", [f"{p}_ct", "merge_shape"], [f"{p}_cm"], name=f"{p}_merge"),
+        ]
+        linear(f"{p}_cm", f"{p}_o", f"{p}_out_proj", WIDTH, WIDTH)
+        nodes.append(helper.make_node("Add", [h, f"{p}_o"], [f"{p}_r1"], name=f"{p}_res1"))
+        layer_norm(nodes, arrays, f"{p}_r1", f"{p}_h1", f"{p}_ln1", _gamma(rng, outliers), unrolled)
+        linear(f"{p}_h1", f"{p}_f1", f"{p}_ffn1", WIDTH, 4 * WIDTH)
+        nodes += [
+            helper.make_node("Mul", [f"{p}_f1", "gelu_k"], [f"{p}_gk"], name=f"{p}_gelu_k"),
+            helper.make_node("Sigmoid", [f"{p}_gk"], [f"{p}_gs"], name=f"{p}_gelu_sig"),
+            helper.make_node("Mul", [f"{p}_f1", f"{p}_gs"], [f"{p}_g"], name=f"{p}_gelu"),
+        ]
+        linear(f"{p}_g", f"{p}_f2", f"{p}_ffn2", 4 * WIDTH, WIDTH)
+        nodes.append(helper.make_node("Add", [f"{p}_h1", f"{p}_f2"], [f"{p}_r2"], name=f"{p}_res2"))
+        layer_norm(nodes, arrays, f"{p}_r2", f"{p}_h2", f"{p}_ln2", _gamma(rng, outliers), unrolled)
+        h = f"{p}_h2"
+    linear(h, "y", "head", WIDTH, WIDTH)
+    return _model(nodes, arrays, ["y"])
+
+
+def data(count: int = 4, batch: int = 8, seed: int = 5) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (batch, SEQ, WIDTH)).astype(np.float32)} for _ in range(count)]
+
+
+def smoothed(model: onnx.ModelProto, alpha: float = 0.5, automatic: bool = False):
+    sites, _ = find_sites(model)
+    maxima = channel_maxima(model, [s.tensor for s in sites], data(2))
+    return smooth(model, maxima, alpha, automatic=automatic)
+
+
+def max_relative_change(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
+    feeds = data(1, seed=9)[0]
+    worst = 0.0
+    for expected, got in zip(run(a, feeds), run(b, feeds), strict=True):
+        diff = np.max(np.abs(expected.astype(np.float64) - got))
+        worst = max(worst, float(diff / np.max(np.abs(expected))))
+    return worst
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+# --- the rewrite --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_qkv_share_one_scale_folded_into_the_layer_norm(unrolled: bool) -> None:
+    model = projections_model(unrolled=unrolled)
+    result, record = smoothed(model)
+    assert [s.consumers for s in record.sites] == [("q_proj", "k_proj", "v_proj")]
+    site = record.sites[0]
+    assert site.inserted is None
+    assert site.folded_into == (("ln_add", "ln_mul") if unrolled else ("ln",))
+    before, after = initializers(model), initializers(result)
+    scale = before["ln_gamma"] / after["ln_gamma"]  # gamma / s
+    np.testing.assert_allclose(before["ln_beta"] / after["ln_beta"], scale, rtol=1e-5)
+    for name in "qkv":  # one s for all three: every weight row j multiplied by the same s_j
+        row_factor = after[f"w_{name}"][:, 0] / before[f"w_{name}"][:, 0]
+        np.testing.assert_allclose(row_factor, scale, rtol=1e-4)
+    # The shared s comes from the max over the three weights: s_j = sqrt(x_j / max_k |W_kj|).
+    w_max = np.max([np.abs(before[f"w_{n}"]).max(axis=1) for n in "qkv"], axis=0)
+    x_max = channel_maxima(model, ["ln_out"], data(2))["ln_out"]
+    np.testing.assert_allclose(scale, np.sqrt(x_max / w_max), rtol=1e-4)
+    assert site.outlier_ratio > 20 and site.ratio_after < site.outlier_ratio / 4
+    assert max_relative_change(model, result) < 1e-5
+
+
+def test_post_ln_residual_reader_gets_an_inserted_mul() -> None:
+    """The residual Add must read the LayerNorm output unscaled: 1/s goes on a new Mul that
+    only the projections read, and the LayerNorm keeps its gamma."""
+    model = projections_model(residual=True)
+    result, record = smoothed(model)
+    site = record.sites[0]
+    assert site.inserted is not None and site.folded_into == ()
+    nodes = {n.name: n for n in result.graph.node}
+    mul = nodes[site.inserted]
+    assert mul.op_type == "Mul" and mul.input[0] == "ln_out"
+    assert {nodes[n].input[0] for n in ("q_proj", "k_proj", "v_proj")} == {mul.output[0]}
+    assert nodes["residual"].input[0] == "ln_out"
+    np.testing.assert_array_equal(initializers(result)["ln_gamma"], initializers(model)["ln_gamma"])
+    assert max_relative_change(model, result) < 1e-5
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_bert_like_encoder_keeps_its_function(unrolled: bool) -> None:
+    model = bert_like_model(unrolled=unrolled)
+    result, record = smoothed(model)
+    sites = {s.consumers: s for s in record.sites}
+    # Every projection and FFN MatMul, Q/K/V sharing one site per layer.
+    assert set(sites) == {
+        *((f"l{i}_q_proj", f"l{i}_k_proj", f"l{i}_v_proj") for i in range(2)),
+        *((f"l{i}_{name}",) for i in range(2) for name in ("out_proj", "ffn1", "ffn2")),
+        ("head",),
+    }
+    # Post-LN: every LayerNorm output but the last is also a residual input, so 1/s is a Mul;
+    # the attention context and the GELU output have no constant before them either.
+    last = ("l1_ln2_add", "l1_ln2_mul") if unrolled else ("l1_ln2",)
+    assert sites[("head",)].inserted is None and sites[("head",)].folded_into == last
+    qkv = sites[("l0_q_proj", "l0_k_proj", "l0_v_proj")]
+    assert "also read by l0_res1" in qkv.inserted_because
+    assert "no per-channel constant" in sites[("l0_ffn2",)].inserted_because
+    assert max_relative_change(model, result) < 1e-5
+
+
+def test_automatic_mode_leaves_flat_activations_alone() -> None:
+    model = projections_model(outliers=False)
+    result, record = smoothed(model, automatic=True)
+    assert record.sites == [] and "no outlier channels" in record.skipped[0]["reason"]
+    assert initializers(result).keys() == initializers(model).keys()
+    for name, value in initializers(model).items():
+        np.testing.assert_array_equal(initializers(result)[name], value)
+
+
+def test_shared_weight_is_copied_under_a_fresh_name() -> None:
+    """A weight also read elsewhere (tied embeddings: a Gather of the same matrix) keeps its
+    values there; the smoothed MatMul gets its own copy."""
+    model = projections_model(heads=1)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 5], np.int64), "rows"))
+    other = helper.make_node("Gather", ["w_q", "rows"], ["other"], name="other")
+    model.graph.node.append(other)
+    model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+    result, _ = smoothed(model)
+    nodes = {n.name: n for n in result.graph.node}
+    assert nodes["other"].input[0] == "w_q" and nodes["q_proj"].input[1] != "w_q"
+    assert max_relative_change(model, result) < 1e-5
+
+
+def test_outlier_ratio() -> None:
+    assert outlier_ratio(np.array([1.0, 1.0, 1.0, 50.0])) == 50.0
+    assert outlier_ratio(np.zeros(4)) == 1.0
+
+
+def test_first_batches_give_a_one_shot_stream_back_whole() -> None:
+    batches = data(5, batch=4)
+    model = projections_model()
+    taken, rest = first_batches(iter(batches), 6, model)
+    assert len(taken) == 2
+    assert [b["x"].sum() for b in rest] == [b["x"].sum() for b in batches]
+    taken, rest = first_batches(batches, 6, model)
+    assert rest is batches
+
+
+# --- in the pipeline --------------------------------------------------------------------------
+
+
+def _error(model: onnx.ModelProto, smooth_quant: bool | None) -> tuple[float, dict]:
+    calibration = CalibrationOptions(smooth_quant=smooth_quant, **QUIET)
+    result = quantize(model, data(4), calibration=calibration)
+    feeds = data(1, seed=11)[0]
+    errors = [
+        float(np.linalg.norm(q - e) / np.linalg.norm(e))
+        for e, q in zip(run(model, feeds), run(result.model, feeds), strict=True)
+    ]
+    return max(errors), result.report
+
+
+def test_smoothing_cuts_the_int8_error_of_outlier_channels() -> None:
+    model = projections_model()
+    plain, report = _error(model, False)
+    smoothed_error, smoothed_report = _error(model, True)
+    assert "smooth_quant" not in report
+    assert smoothed_report["smooth_quant"]["smoothed"][0]["consumers"] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+    ]
+    assert smoothed_error < plain / 3, (plain, smoothed_error)
+    assert smoothed_report["coverage"]["fraction"] == report["coverage"]["fraction"] == 1.0
+
+
+def test_automatic_default_smooths_outliers_only() -> None:
+    _, report = _error(projections_model(), None)
+    assert report["smooth_quant"]["mode"].startswith("auto")
+    assert len(report["smooth_quant"]["smoothed"]) == 1
+    _, report = _error(projections_model(outliers=False), None)
+    assert report["smooth_quant"]["smoothed"] == []
+
+
+# --- the command and the API ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outlier_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smooth")
+    model_path = folder / "model.onnx"
+    onnx.save(projections_model(), model_path)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=np.concatenate([b["x"] for b in data(2)]))
+    return model_path, calib
+
+
+@pytest.mark.parametrize(
+    ("flags", "smoothed", "alpha"),
+    [
+        ([], 1, 0.85),
+        (["--smooth-quant"], 1, 0.85),
+        (["--smooth-quant", "0.7"], 1, 0.7),
+        (["--no-smooth-quant"], 0, None),
+    ],
+)
+def test_cli_flags(outlier_files, tmp_path, capsys, flags, smoothed, alpha) -> None:
+    from trtq.cli import main
+
+    model_path, calib = outlier_files
+    report = tmp_path / "report.json"
+    argv = [str(model_path), "--calib", str(calib), "-o", str(tmp_path / "q.onnx")]
+    assert main(["quantize", *argv, "--report", str(report), "--no-progress", *flags]) == 0
+    found = json.loads(report.read_text()).get("smooth_quant")
+    if smoothed:
+        assert found["alpha"] == alpha and len(found["smoothed"]) == smoothed
+        assert "smoothed: ln_out -> q_proj, k_proj, v_proj" in capsys.readouterr().out
+    else:
+        assert found is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"smooth_quant": 1.5}, "alpha must be in (0, 1]"),
+        ({"smooth_quant": True, "stats": "s.json"}, "SmoothQuant changes the activations"),
+    ],
+)
+def test_api_refuses_bad_smooth_quant(outlier_files, tmp_path, options, message) -> None:
+    import trtq
+    from trtq.errors import UserError
+
+    model_path, calib = outlier_files
+    if "stats" in options:
+        options = {**options, "stats": tmp_path / options["stats"]}
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        trtq.quantize(model_path, calib, **options)
+
+
+def test_automatic_smoothing_is_off_when_stats_are_written(outlier_files, tmp_path) -> None:
+    """Stats written here are reused later on the unsmoothed graph: they must describe it."""
+    import trtq
+
+    model_path, calib = outlier_files
+    result = trtq.quantize(model_path, calib, stats=tmp_path / "stats.json")
+    assert "smooth_quant" not in result.report
+
+
+def test_bert_like_encoder_placement_and_fidelity() -> None:
+    """Transformer placement: projections and FFN MatMuls in INT8; attention's activation x
+    activation MatMuls, LayerNorm, Softmax, GELU and the residual Adds in float (nothing
+    reads a DequantizeLinear but a MatMul); smoothing cuts the error, coverage unchanged."""
+    model = bert_like_model()
+    plain, plain_report = _error(model, False)
+    smoothed_error, report = _error(model, None)
+    floats = {f["name"]: f["reason"] for f in report["float_nodes"]}
+    assert set(floats) == {"l0_scores", "l0_context", "l1_scores", "l1_context"}
+    assert all("activation x activation" in why for why in floats.values())
+    assert report["coverage"] == plain_report["coverage"]
+    assert report["coverage"]["quantized_nodes"] == 2 * 6 + 1  # q, k, v, out, ffn1, ffn2; head
+    result = quantize(model, data(2), calibration=CalibrationOptions(progress=False))
+    producers = {o: n for n in result.model.graph.node for o in n.output}
+    for node in result.model.graph.node:
+        dequantized = [
+            i for i in node.input if getattr(producers.get(i), "op_type", "") == "DequantizeLinear"
+        ]
+        if dequantized:
+            assert node.op_type == "MatMul", node.name
+    assert smoothed_error < plain / 2, (plain, smoothed_error)
+
+
+def test_automatic_mode_is_for_transformers_only() -> None:
+    """Outlier channels after a plain per-channel Mul (no LayerNorm in the model): the default
+    leaves the model alone, --smooth-quant smooths it."""
+    rng = np.random.default_rng(3)
+    gain = _gamma(rng, outliers=True)
+    arrays = {"gain": gain, "w": rng.normal(0, 0.1, (WIDTH, WIDTH)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["scaled"], name="gain"),
+        helper.make_node("MatMul", ["scaled", "w"], ["y"], name="proj"),
+    ]
+    model = _model(nodes, arrays, ["y"])
+    _, report = _error(model, None)
+    assert "smooth_quant" not in report
+    error, report = _error(model, True)
+    assert report["smooth_quant"]["smoothed"][0]["folded_into"] == ["gain"]
+    assert error < _error(model, False)[0] / 3
