@@ -1,4 +1,4 @@
-"""Q/DQ placement and insertion (DESIGN.md §5), checked on the quantized ONNX and in ONNX Runtime.
+"""Q/DQ placement and insertion (ARCHITECTURE.md §Fusion rules), checked on the ONNX and in ORT.
 
 Every test builds a small FP32 model with onnx.helper (channel counts >= 16, so nothing is
 left in float as "tiny" unless the test means it), quantizes it with :func:`trtq.quantizer.quantize`

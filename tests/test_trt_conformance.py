@@ -37,7 +37,7 @@ from trtq.errors import MissingDependencyError, UserError
 REPO = Path(__file__).resolve().parent.parent
 TRT_DIR = Path(os.environ.get("TRTQ_TRT_DIR", REPO / ".trt"))
 
-# What the real bindings offer (DESIGN.md §2), checked against what detect() finds.
+# What the real bindings offer (ARCHITECTURE.md §TensorRT 10 and 11), checked against detect().
 EXPECTED_FEATURES = {
     "10": {
         "version": "10.13.3.9",
@@ -69,7 +69,7 @@ EXPECTED_FEATURES = {
     },
 }
 
-# DESIGN.md §2 "11.x removed": each of these exists in 10.13 and is gone in 11.4.
+# ARCHITECTURE.md §TensorRT 10 and 11: each of these exists in 10.13 and is gone in 11.4.
 REMOVED_IN_11 = (
     "BuilderFlag.FP16",
     "BuilderFlag.BF16",

@@ -4,7 +4,7 @@
 ``trtq.build(...)``, ``trtq.compare(...)``, ``trtq.load(...)``. Each takes paths
 or in-memory objects, validates what it is given at this boundary, and returns a
 typed result; the CLI modules (``trtq/cli/*_cmd.py``) are thin shells that parse
-flags, call these and print. See ARCHITECTURE.md ("Public API").
+flags, call these and print. See ARCHITECTURE.md §The pipeline.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ scale for every float tensor of that network (:func:`trt_tensors`). Normalisatio
 no tensor that survives it, but it removes some: a Conv's output before a folded
 BatchNormalization, Identity outputs. Those exist only in the model as given, so a
 calibration meant for a TensorRT cache observes that model, where every surviving name
-carries the same values as in the normalised graph (see ARCHITECTURE.md, "Calibration").
+carries the same values as in the normalised graph (see ARCHITECTURE.md §Modules, "Calibration").
 """
 
 from __future__ import annotations

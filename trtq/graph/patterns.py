@@ -1,7 +1,7 @@
 """Which tensors calibration must observe.
 
 Until Q/DQ placement decides tensor by tensor, the quantizable activations are
-the non-constant inputs of the compute ops TensorRT runs in INT8 (DESIGN.md §5):
+the non-constant inputs of the compute ops TensorRT runs in INT8 (ARCHITECTURE.md §Fusion rules):
 Conv, ConvTranspose, Gemm and MatMul.
 """
 

@@ -10,7 +10,7 @@ them as they stream by, so the data source is not read twice and no more than th
 samples is ever held. Where calibration does not read the data (ranges from a stats
 file or cache), the keeper reads just those first samples.
 
-Two kinds of threshold apply (ARCHITECTURE.md, "trtq vouches for every model it writes"):
+Two kinds of threshold apply (ARCHITECTURE.md §Principle: trtq vouches for every model it writes):
 
 * the default floor (:data:`FLOOR_MIN_COSINE`, :data:`FLOOR_MAX_REL_L2`): below it,
   one warning line; the model is still written;

@@ -5,7 +5,7 @@ on NVIDIA's real classes and enums), not by parsing the version string: minor
 releases add and deprecate API, and a check on the attribute is exactly the
 question "can this call work here". The version is recorded for messages.
 
-The facts (see DESIGN.md §2), as detected from the real bindings:
+The facts (see ARCHITECTURE.md §TensorRT 10 and 11), as detected from the real bindings:
 
 * TensorRT 10.x builds weakly typed networks by default (BuilderFlag FP16/INT8
   plus an ``IInt8*Calibrator``); strong typing is opt-in through the
