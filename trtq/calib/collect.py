@@ -124,7 +124,7 @@ def collect(
         total=None if total_batches is None else total_batches * max(len(groups), 1),
         unit="batch",
         desc="calibrating",
-        disable=not progress,
+        disable=None if progress else True,  # None: off when stderr is not a terminal
         leave=False,
     ) as bar:
         for group_index, group in enumerate(groups or [[]]):

@@ -197,7 +197,7 @@ class RayCalibration:
             total=total,
             unit="sample",
             desc=f"calibrating on {len(self._cluster.actors)} Ray workers",
-            disable=not progress,
+            disable=None if progress else True,  # None: off when stderr is not a terminal
             leave=False,
         ) as bar:
             for (pass_index, position), result in self._cluster.run(tasks):

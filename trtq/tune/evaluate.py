@@ -337,7 +337,8 @@ class Evaluations:
                 total=len(missing),
                 unit="model",
                 desc="evaluating",
-                disable=not self._progress or len(missing) < 2,
+                # None: off when stderr is not a terminal (logs, CI).
+                disable=None if self._progress and len(missing) >= 2 else True,
                 leave=False,
             ) as bar:
                 for configuration, score in zip(missing, bar, strict=True):
