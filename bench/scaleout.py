@@ -1,4 +1,4 @@
-"""Benchmark: calibration on a local 2-CPU Ray cluster against one process (``--ray``).
+"""Benchmark: calibration and a sensitivity sweep on a local 2-CPU Ray cluster (``--ray``).
 
 Why: ``trtq calibrate --ray`` shards the data over Ray workers and merges their histograms,
 bit-identical to one process. On a machine with C cores, C workers should calibrate nearly C
@@ -21,8 +21,16 @@ Wall time is measured in the child around the calibration; the one-process peak 
 child's, the Ray figure each worker's own (reported by the workers). The two stats files must
 be byte-identical. A measurement, not a test: it exits 0 when a target is missed.
 
-    .venv/bin/python bench/scaleout.py                 # --sizes 256 1024 2048
+The second part, ``sensitivity``: ``trtq.sensitivity`` on the same crops (``--sens-samples``
+of them, ``--eval-samples`` held out for the figures), its 2N + 1 node evaluations spread
+(a) over a local process pool (``workers=2``) and (b) over the same local 2-CPU Ray instance
+(``ray=True``, which also calibrates there), each in its own child, the whole call timed.
+Both must give the same figures: their JSON reports are compared, less the two fields that
+say how they were made (``workers``, ``seconds``).
+
+    .venv/bin/python bench/scaleout.py                 # --sizes 256 1024 2048, both parts
     .venv/bin/python bench/scaleout.py --sizes 2048 --json results.json
+    .venv/bin/python bench/scaleout.py --parts sensitivity --sens-samples 128
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ CHUNK = 64
 #: RSS flat in N (largest N / smallest N).
 TARGET_SPEEDUP = 1.6
 TARGET_RSS_GROWTH = 1.2
+PARTS = ("calibration", "sensitivity")
+#: Fields of a sensitivity report that say how it was run, not what it found.
+HOW_RUN = ("workers", "seconds")
 
 
 def model_path() -> Path:
@@ -113,6 +124,55 @@ def child_run(
     )
 
 
+def child_sensitivity(
+    mode: str,
+    folder: Path,
+    limit: int,
+    output: Path,
+    eval_samples: int,
+    batch_size: int,
+    method: str,
+) -> None:
+    """One sensitivity sweep (``pool``: 2 processes; ``ray``: the local Ray instance);
+    writes its JSON report less :data:`HOW_RUN`, prints {wall_s, sweep_s, start_s, ...}."""
+    import logging
+
+    import trtq
+
+    start_s = 0.0
+    if mode == "ray":
+        import ray
+
+        began = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+        start_s = time.perf_counter() - began
+    began = time.perf_counter()
+    found = trtq.sensitivity(
+        model_path(),
+        folder,
+        eval_samples=eval_samples,
+        limit=limit,
+        batch_size=batch_size,
+        method=method,
+        workers=2 if mode == "pool" else 1,
+        ray=True if mode == "ray" else None,
+    )
+    wall = time.perf_counter() - began
+    report = {k: v for k, v in found.to_json().items() if k not in HOW_RUN}
+    output.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "sweep_s": found.seconds,
+                "start_s": start_s,
+                "evaluations": found.evaluations,
+                "nodes": len(found.nodes),
+            }
+        )
+    )
+
+
 def run_child(*arguments: str) -> dict:
     done = subprocess.run(
         [sys.executable, __file__, *arguments], capture_output=True, text=True, check=False
@@ -132,8 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", default="entropy", help="range method (trtq's default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument(
+        "--sens-samples", type=int, default=128, help="sensitivity: samples read (with held out)"
+    )
+    parser.add_argument(
+        "--eval-samples", type=int, default=32, help="sensitivity: samples held out for figures"
+    )
     parser.add_argument("--child-generate", nargs=2, metavar=("FOLDER", "N"))
     parser.add_argument("--child-run", nargs=4, metavar=("MODE", "FOLDER", "N", "OUT"))
+    parser.add_argument("--child-sensitivity", nargs=4, metavar=("MODE", "FOLDER", "N", "OUT"))
     args = parser.parse_args(argv)
     if args.child_generate:
         child_generate(Path(args.child_generate[0]), int(args.child_generate[1]))
@@ -142,44 +210,79 @@ def main(argv: list[str] | None = None) -> int:
         mode, folder, limit, output = args.child_run
         child_run(mode, Path(folder), int(limit), Path(output), args.batch_size, args.method)
         return 0
+    if args.child_sensitivity:
+        mode, folder, limit, output = args.child_sensitivity
+        child_sensitivity(
+            mode,
+            Path(folder),
+            int(limit),
+            Path(output),
+            args.eval_samples,
+            args.batch_size,
+            args.method,
+        )
+        return 0
 
     sizes = sorted(args.sizes)
-    rows = []
+    needed = max(
+        sizes[-1] if "calibration" in args.parts else 0,
+        args.sens_samples if "sensitivity" in args.parts else 0,
+    )
+    figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="trtq-scaleout-") as tmp:
         folder = Path(tmp, "crops")
         began = time.perf_counter()
         subprocess.run(
-            [sys.executable, __file__, "--child-generate", str(folder), str(sizes[-1])], check=True
+            [sys.executable, __file__, "--child-generate", str(folder), str(needed)], check=True
         )
-        print(f"{sizes[-1]} crops generated in {time.perf_counter() - began:.0f} s", flush=True)
-        for size in sizes:
-            figures = {}
-            for mode in ("one", "ray"):
-                print(f"N={size} {mode}: load average {load_average()}", flush=True)
-                output = Path(tmp, f"{mode}-{size}.json")
-                figures[mode] = run_child(
-                    "--batch-size", str(args.batch_size), "--method", args.method,
-                    "--child-run", mode, str(folder), str(size), str(output),
-                )  # fmt: skip
-            identical = (
-                Path(tmp, f"one-{size}.json").read_bytes()
-                == Path(tmp, f"ray-{size}.json").read_bytes()
-            )
-            peaks = sorted(figures["ray"]["worker_peaks"].values())
-            rows.append(
-                {
-                    "samples": size,
-                    "one_wall_s": figures["one"]["wall_s"],
-                    "one_peak_rss_mib": figures["one"]["peak_rss"] / 2**20,
-                    "ray_wall_s": figures["ray"]["wall_s"],
-                    "ray_start_s": figures["ray"]["start_s"],
-                    "ray_workers": len(peaks),
-                    "ray_worker_peak_rss_mib": [peak / 2**20 for peak in peaks],
-                    "speedup": figures["one"]["wall_s"] / figures["ray"]["wall_s"],
-                    "identical_stats": identical,
-                }
-            )
+        print(f"{needed} crops generated in {time.perf_counter() - began:.0f} s", flush=True)
+        if "calibration" in args.parts:
+            figures["calibration"] = calibration_part(args, sizes, folder, Path(tmp))
+        if "sensitivity" in args.parts:
+            figures["sensitivity"] = sensitivity_part(args, folder, Path(tmp))
     print(f"load average after: {load_average()} ({os.cpu_count()} cores)")
+    if "calibration" in figures:
+        print_calibration(figures["calibration"])
+    if "sensitivity" in figures:
+        print_sensitivity(figures["sensitivity"])
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
+def calibration_part(args: argparse.Namespace, sizes: list[int], folder: Path, tmp: Path) -> list:
+    """For each N, one process then Ray on the first N crops: a row of figures each."""
+    rows = []
+    for size in sizes:
+        figures = {}
+        for mode in ("one", "ray"):
+            print(f"N={size} {mode}: load average {load_average()}", flush=True)
+            output = Path(tmp, f"{mode}-{size}.json")
+            figures[mode] = run_child(
+                "--batch-size", str(args.batch_size), "--method", args.method,
+                "--child-run", mode, str(folder), str(size), str(output),
+            )  # fmt: skip
+        identical = (
+            Path(tmp, f"one-{size}.json").read_bytes() == Path(tmp, f"ray-{size}.json").read_bytes()
+        )
+        peaks = sorted(figures["ray"]["worker_peaks"].values())
+        rows.append(
+            {
+                "samples": size,
+                "one_wall_s": figures["one"]["wall_s"],
+                "one_peak_rss_mib": figures["one"]["peak_rss"] / 2**20,
+                "ray_wall_s": figures["ray"]["wall_s"],
+                "ray_start_s": figures["ray"]["start_s"],
+                "ray_workers": len(peaks),
+                "ray_worker_peak_rss_mib": [peak / 2**20 for peak in peaks],
+                "speedup": figures["one"]["wall_s"] / figures["ray"]["wall_s"],
+                "identical_stats": identical,
+            }
+        )
+    return rows
+
+
+def print_calibration(rows: list) -> None:
     print()
     print("    N  one wall s  one RSS MiB  ray wall s  speedup  worker RSS MiB  stats identical")
     for row in rows:
@@ -203,9 +306,47 @@ def main(argv: list[str] | None = None) -> int:
         f"(target <= {TARGET_RSS_GROWTH})  {'PASS' if growth <= TARGET_RSS_GROWTH else 'MISS'}"
     )
     print(f"stats byte-identical at every N             {all(r['identical_stats'] for r in rows)}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
+
+
+def sensitivity_part(args: argparse.Namespace, folder: Path, tmp: Path) -> dict:
+    """The same sweep on a local pool of 2 processes, then on the local Ray instance."""
+    runs = {}
+    for mode in ("pool", "ray"):
+        print(f"sensitivity {mode}: load average {load_average()}", flush=True)
+        runs[mode] = run_child(
+            "--batch-size", str(args.batch_size), "--method", args.method,
+            "--eval-samples", str(args.eval_samples),
+            "--child-sensitivity", mode, str(folder), str(args.sens_samples),
+            str(tmp / f"sensitivity-{mode}.json"),
+        )  # fmt: skip
+    identical = (tmp / "sensitivity-pool.json").read_bytes() == (
+        tmp / "sensitivity-ray.json"
+    ).read_bytes()
+    return {
+        "samples": args.sens_samples,
+        "eval_samples": args.eval_samples,
+        "pool": runs["pool"],
+        "ray": runs["ray"],
+        "ray_over_pool": runs["ray"]["wall_s"] / runs["pool"]["wall_s"],
+        "identical_figures": identical,
+    }
+
+
+def print_sensitivity(found: dict) -> None:
+    pool, ray = found["pool"], found["ray"]
+    print()
+    print(
+        f"sensitivity: {found['samples']} samples ({found['eval_samples']} held out), "
+        f"{pool['nodes']} nodes"
+    )
+    print(f"  {'run':<14} {'wall s':>6}  {'sweep s':>7}  evaluations")
+    for name, run in (("pool (2 procs)", pool), ("ray (2 CPUs)", ray)):
+        print(
+            f"  {name:<14} {run['wall_s']:>6.2f}  {run['sweep_s']:>7.2f}  {run['evaluations']:>11}"
+        )
+    print(f"(starting the local Ray instance, not timed above: {ray['start_s']:.1f} s)")
+    print(f"ray wall / pool wall                        {found['ray_over_pool']:.2f}")
+    print(f"figures identical (JSON less workers/seconds) {found['identical_figures']}")
 
 
 if __name__ == "__main__":
