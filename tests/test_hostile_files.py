@@ -33,12 +33,15 @@ MNIST_SAMPLE = (1, 28, 28)
 #: Twice what `trtq calibrate` needs on the MNIST sample: a bomb that allocates hits it.
 ADDRESS_SPACE = 2 << 30
 
+# The child's own peak (VmHWM, in kB): ru_maxrss would also count the pages of the pytest
+# process it was forked from, whose peak survives the exec.
 _RUNNER = """
-import resource, sys
+import re, sys
 from trtq.cli import main
 code = main(sys.argv[1:])
 sys.stderr.flush()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.__stderr__)
+with open("/proc/self/status") as status:
+    print(re.search(r"VmHWM:\\s*(\\d+)", status.read()).group(1), file=sys.__stderr__)
 sys.exit(code)
 """
 
