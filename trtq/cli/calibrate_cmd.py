@@ -17,6 +17,7 @@ from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.calib.scope import TENSOR_SETS
 from trtq.cli import flagtypes
 from trtq.cli.common import (
+    add_calibration_run_arguments,
     add_command,
     add_data_arguments,
     add_export_loader_argument,
@@ -106,20 +107,9 @@ def add_parser(subparsers, parents) -> None:
     parser.add_argument(
         "--bins", type=flagtypes.histogram_bins, default=DEFAULT_BINS, help="histogram bins"
     )
-    parser.add_argument(
-        "--max-memory",
-        type=flagtypes.memory_size,
-        help="bound on one batch's observed activations (e.g. 2G); over it, tensors are "
-        "observed in groups, one pass over the data per group",
-    )
-    parser.add_argument(
-        "--providers",
-        type=flagtypes.providers,
-        help="ONNX Runtime providers, comma-separated (e.g. cuda,cpu); default cpu",
-    )
+    add_calibration_run_arguments(parser)
     parser.add_argument("--shard", type=flagtypes.shard, help="calibrate only shard K of N: K/N")
     parser.add_argument("--merge", nargs="+", metavar="STATS", help="merge shard stats files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_argument(parser)
     add_placement_arguments(parser)
     add_freeze_argument(parser)

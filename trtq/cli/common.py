@@ -151,6 +151,22 @@ def export_loader(args: argparse.Namespace, source: str | None, inputs, purpose:
     )
 
 
+def add_calibration_run_arguments(group) -> None:
+    """How calibration runs (not what it computes): memory bound, providers, progress bar."""
+    group.add_argument(
+        "--max-memory",
+        type=flagtypes.memory_size,
+        help="bound on one batch's observed activations (e.g. 2G); over it, tensors are "
+        "observed in groups, one pass over the data per group",
+    )
+    group.add_argument(
+        "--providers",
+        type=flagtypes.providers,
+        help="ONNX Runtime providers, comma-separated (e.g. cuda,cpu); default cpu",
+    )
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def add_ray_argument(parser: argparse.ArgumentParser) -> None:
     """``--ray [ADDRESS]``: calibrate on a Ray cluster (trtq calibrate, trtq quantize)."""
     parser.add_argument(

@@ -11,6 +11,7 @@ from trtq.calib.range_search import QUANTIZE_METHODS
 from trtq.calib.ranges import DEFAULT_METHOD
 from trtq.cli import flagtypes
 from trtq.cli.common import (
+    add_calibration_run_arguments,
     add_command,
     add_data_arguments,
     add_evaluation_arguments,
@@ -145,13 +146,7 @@ def add_parser(subparsers, parents) -> None:
         help="ops that stay FP32, comma-separated",
     )
     calib = parser.add_argument_group("calibration")
-    calib.add_argument("--max-memory", type=flagtypes.memory_size, help="see trtq calibrate --help")
-    calib.add_argument(
-        "--providers",
-        type=flagtypes.providers,
-        help="ONNX Runtime providers for calibration (default cpu)",
-    )
-    calib.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_calibration_run_arguments(calib)
     calib.add_argument(
         "--bias-correction",
         action=argparse.BooleanOptionalAction,

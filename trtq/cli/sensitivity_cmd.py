@@ -9,6 +9,7 @@ from trtq import api
 from trtq.calib.ranges import DEFAULT_METHOD, METHODS
 from trtq.cli import flagtypes
 from trtq.cli.common import (
+    add_calibration_run_arguments,
     add_command,
     add_data_arguments,
     add_evaluation_arguments,
@@ -70,13 +71,7 @@ def add_parser(subparsers, parents) -> None:
     add_evaluation_arguments(parser.add_argument_group("evaluation"))
     add_placement_arguments(parser)
     calib = parser.add_argument_group("calibration")
-    calib.add_argument("--max-memory", type=flagtypes.memory_size, help="see trtq calibrate --help")
-    calib.add_argument(
-        "--providers",
-        type=flagtypes.providers,
-        help="ONNX Runtime providers (default cpu)",
-    )
-    calib.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_calibration_run_arguments(calib)
     add_ray_argument(parser)
     add_freeze_argument(parser)
     add_data_arguments(parser)
