@@ -11,6 +11,7 @@ import trtq
 from trtq.calib.histogram import Histogram
 from trtq.calib.ranges import (
     ENTROPY_MAX_CLIPPED,
+    ENTROPY_MAX_ERROR_RATIO,
     METHODS,
     MIN_AMAX,
     TensorRange,
@@ -18,6 +19,7 @@ from trtq.calib.ranges import (
     clipped_share,
     compute_range,
     entropy_amax,
+    error_ratio,
     max_amax,
     mse_amax,
     percentile_amax,
@@ -182,6 +184,39 @@ def test_spiky_histogram_falls_back_to_mse_and_says_why():
     assert r.reason.startswith(f"entropy's KL minimum, amax {refused:.4g} of max {h.amax:.4g}")
     assert f"clips {clipped_share(h, refused):.1%} of the non-zero values" in r.reason
     assert "spike" in r.reason and r.reason.endswith(f"mse chose amax {r.amax:.4g}")
+
+
+def hot_channel_activation(rng: np.random.Generator) -> np.ndarray:
+    """Like PP-OCRv4's recognizer's residual sums (p2o.Add.103): a body piling up against
+    0.044, and 2 % of the values, a few hot channels, around 0.36."""
+    n = 200_000
+    ramp = rng.uniform(0, 0.044, n // 2)
+    edge = 0.044 - rng.exponential(0.002, n // 4)
+    hot = rng.normal(0.36, 0.03, n // 50)
+    magnitudes = np.concatenate([ramp, edge, hot])
+    return rng.permutation(magnitudes * rng.choice([-1.0, 1.0], magnitudes.size))
+
+
+def test_entropy_clipping_a_population_of_outliers_falls_back_to_mse():
+    """Few values clipped (under the spike guard's share) but the hot channels' signal lost:
+    the squared error, not the count, refuses it."""
+    h = hist_of(hot_channel_activation(np.random.default_rng(0)))
+    refused = entropy_amax(h)
+    assert refused < 0.15 * h.amax and clipped_share(h, refused) <= ENTROPY_MAX_CLIPPED
+    ratio = error_ratio(h, refused)
+    assert ratio > 100 * ENTROPY_MAX_ERROR_RATIO
+    r = compute_range("residual", h, "entropy")
+    assert (r.method, r.amax) == ("mse", mse_amax(h)) and r.amax > 0.8 * h.amax
+    assert error_ratio(h, r.amax) == 1.0
+    assert f"costs {ratio:.3g} times the smallest squared error" in r.reason
+    assert "population of outliers" in r.reason
+
+
+def test_error_ratio_is_one_at_mse_and_grows_with_clipping():
+    h = hist_of(synthetic("laplacian"))
+    assert error_ratio(h, mse_amax(h)) == 1.0
+    ratios = [error_ratio(h, f * h.amax) for f in (0.8, 0.4, 0.2, 0.1)]
+    assert ratios == sorted(ratios) and ratios[-1] > ENTROPY_MAX_ERROR_RATIO
 
 
 def test_entropy_is_kept_where_it_clips_a_tail(mnist_histograms):

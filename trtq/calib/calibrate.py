@@ -301,7 +301,7 @@ def trt_cache(stats: CalibrationStats, *, trt_version: str) -> TrtCache:
 
 
 def _spike_guarded(method: str, found: TensorRange) -> bool:
-    """Whether entropy's spike guard (:data:`trtq.calib.ranges.ENTROPY_MAX_CLIPPED`) chose it."""
+    """Whether entropy's guard (:func:`trtq.calib.ranges.entropy_refusal`) chose it."""
     return method == "entropy" and found.method == "mse" and bool(found.reason)
 
 

@@ -33,9 +33,9 @@ import numpy as np
 from trtq.calib.cache import CalibrationStats
 from trtq.calib.histogram import Histogram
 from trtq.calib.ranges import (
-    ENTROPY_MAX_CLIPPED,
     clipped_share,
     entropy_amax,
+    entropy_refusal,
     max_amax,
     mse_amax,
     percentile_amax,
@@ -216,7 +216,7 @@ def _candidates(hist: Histogram, percentile: float) -> list[dict]:
     for method, amax in found.items():
         clipped = _clipped(hist, amax)
         # compute_range's spike guard: such an entropy threshold is never used.
-        refused = method == "entropy" and clipped > ENTROPY_MAX_CLIPPED
+        refused = method == "entropy" and entropy_refusal(hist, amax) is not None
         candidates.append({"method": method, "amax": amax, "clipped": clipped, "refused": refused})
     return candidates
 
