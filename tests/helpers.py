@@ -77,3 +77,25 @@ def planted_batches(samples: int = 256, batch: int = 16, seed: int = 1) -> list[
     """Inputs for :func:`planted_outlier_model`: standard normal, in batches."""
     x = np.random.default_rng(seed).normal(size=(samples, 16, 8, 8)).astype(np.float32)
     return [{"x": x[i : i + batch]} for i in range(0, samples, batch)]
+
+
+def float_value(name: str, *shape: int | str) -> onnx.ValueInfoProto:
+    """A float32 graph input or output of ``shape`` (ints, or names for free dims)."""
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape))
+
+
+def checked_model(
+    nodes, inputs, outputs, initializers: dict[str, np.ndarray], name: str = "test"
+) -> onnx.ModelProto:
+    """An opset-17 model of ``nodes``, fully checked by onnx (a test's graph is valid)."""
+    graph = onnx.helper.make_graph(
+        nodes,
+        name,
+        inputs,
+        outputs,
+        initializer=[onnx.numpy_helper.from_array(a, n) for n, a in initializers.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import CALIB_DATA
-from helpers import run
+from helpers import checked_model, float_value, run
 from onnx import TensorProto, helper, numpy_helper
 
 from trtq import __version__
@@ -37,24 +37,6 @@ def weights(*shape: int, gain: float = 0.1) -> np.ndarray:
 
 def normal(*shape: int, gain: float = 1.0) -> np.ndarray:
     return (RNG.standard_normal(shape) * gain).astype(np.float32)
-
-
-def value(name: str, *shape: int | str) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
-
-
-def make_model(nodes, inputs, outputs, initializers: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "fusion_test",
-        inputs,
-        outputs,
-        initializer=[numpy_helper.from_array(a, name) for name, a in initializers.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def conv(x: str, w: str, y: str, name: str, bias: str | None = None) -> onnx.NodeProto:
@@ -121,13 +103,13 @@ def scale_type(model: onnx.ModelProto, dq: onnx.NodeProto) -> int:
 
 def test_initializer_named_like_a_generated_scale_keeps_its_value():
     """y = Conv(x) * x_scale: the model's own x_scale (32) is not trtq's Q/DQ scale of x."""
-    model = make_model(
+    model = checked_model(
         [
             conv("x", "w", "c", "conv"),
             helper.make_node("Mul", ["c", "x_scale"], ["y"], name="gain"),
         ],
-        [value("x", "N", 16, 8, 8)],
-        [value("y", "N", 32, 8, 8)],
+        [float_value("x", "N", 16, 8, 8)],
+        [float_value("y", "N", 32, 8, 8)],
         {"w": weights(32, 16, 3, 3), "x_scale": np.array(32.0, np.float32)},
     )
     batches = [{"x": normal(8, 16, 8, 8)} for _ in range(2)]
@@ -139,10 +121,10 @@ def test_initializer_named_like_a_generated_scale_keeps_its_value():
 
 
 def test_written_models_say_trtq_produced_them():
-    model = make_model(
+    model = checked_model(
         [conv("x", "w", "y", "conv")],
-        [value("x", "N", 16, 8, 8)],
-        [value("y", "N", 32, 8, 8)],
+        [float_value("x", "N", 16, 8, 8)],
+        [float_value("y", "N", 32, 8, 8)],
         {"w": weights(32, 16, 3, 3)},
     )
     model.producer_name, model.producer_version = "pytorch", "2.4"
@@ -162,7 +144,7 @@ def test_fp32_island_reads_its_dequantize_nodes_directly():
     Their DequantizeLinear nodes (weights, activations and the Add's shortcut) stay FP32
     and feed them directly; the FP16 Conv after the island reads an FP16 one.
     """
-    model = make_model(
+    model = checked_model(
         [
             conv("x", "w1", "c1", "conv1"),
             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
@@ -171,8 +153,8 @@ def test_fp32_island_reads_its_dequantize_nodes_directly():
             helper.make_node("Mul", ["sum", "shrink"], ["small"], name="shrink"),
             conv("small", "w3", "y", "conv3"),
         ],
-        [value("x", "N", 32, 8, 8)],
-        [value("y", "N", 32, 8, 8)],
+        [float_value("x", "N", 32, 8, 8)],
+        [float_value("y", "N", 32, 8, 8)],
         {
             "w1": weights(32, 32, 3, 3),
             "w2": weights(32, 32, 3, 3),
@@ -199,10 +181,10 @@ def test_fp32_island_reads_its_dequantize_nodes_directly():
 
 def test_dequantize_shared_by_fp16_and_fp32_readers_is_retyped_for_each():
     """x feeds conv_a (FP16) and conv_b (FP32: its output passes 512): one Q, two DQs."""
-    model = make_model(
+    model = checked_model(
         [conv("x", "wa", "ya", "conv_a"), conv("x", "wb", "yb", "conv_b")],
-        [value("x", "N", 32, 8, 8)],
-        [value("ya", "N", 32, 8, 8), value("yb", "N", 32, 8, 8)],
+        [float_value("x", "N", 32, 8, 8)],
+        [float_value("ya", "N", 32, 8, 8), float_value("yb", "N", 32, 8, 8)],
         {"wa": weights(32, 32, 3, 3), "wb": weights(32, 32, 3, 3, gain=300.0)},
     )
     batches = [{"x": normal(8, 32, 8, 8)} for _ in range(2)]
@@ -227,10 +209,10 @@ def test_near_dead_channel_gets_a_normal_nonzero_scale(mixed):
     """|w| ~ 1e-7 in one channel (BatchNorm folding makes such channels): scale is not 0."""
     w = weights(32, 16, 3, 3)
     w[5] *= 1e-6
-    model = make_model(
+    model = checked_model(
         [conv("x", "w", "y", "conv", bias="b")],
-        [value("x", "N", 16, 8, 8)],
-        [value("y", "N", 32, 8, 8)],
+        [float_value("x", "N", 16, 8, 8)],
+        [float_value("y", "N", 32, 8, 8)],
         {"w": w, "b": weights(32)},
     )
     batches = [{"x": normal(8, 16, 8, 8)} for _ in range(2)]
@@ -276,7 +258,7 @@ def test_maxpool_input_and_output_share_one_scale_on_mnist(mnist_model):
 
 def test_concat_of_quantized_tensors_and_a_transpose_share_one_scale():
     """ra, rb (each a Conv input) -> Concat -> conv_c, and ra -> Transpose -> conv_t: one scale."""
-    model = make_model(
+    model = checked_model(
         [
             conv("x", "wa", "ca", "conv_a"),
             helper.make_node("Relu", ["ca"], ["ra"], name="relu_a"),
@@ -289,12 +271,12 @@ def test_concat_of_quantized_tensors_and_a_transpose_share_one_scale():
             helper.make_node("Transpose", ["ra"], ["rat"], name="flip", perm=[0, 1, 3, 2]),
             conv("rat", "wt", "yt", "conv_t"),
         ],
-        [value("x", "N", 16, 8, 8)],
+        [float_value("x", "N", 16, 8, 8)],
         [
-            value("yc", "N", 32, 8, 8),
-            value("yd", "N", 32, 8, 8),
-            value("ye", "N", 32, 8, 8),
-            value("yt", "N", 32, 8, 8),
+            float_value("yc", "N", 32, 8, 8),
+            float_value("yd", "N", 32, 8, 8),
+            float_value("ye", "N", 32, 8, 8),
+            float_value("yt", "N", 32, 8, 8),
         ],
         {
             "wa": weights(32, 16, 3, 3),
@@ -336,7 +318,7 @@ def test_shared_range_comes_from_the_merged_histograms():
 def test_residual_add_quantizes_the_shortcut_found_by_structure(shortcut_first):
     """ResNet projection block: both Add inputs are Conv outputs; the 1x1 shortcut is shorter."""
     add_inputs = ["proj", "c2"] if shortcut_first else ["c2", "proj"]
-    model = make_model(
+    model = checked_model(
         [
             conv("x", "w1", "c1", "conv1"),
             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
@@ -345,8 +327,8 @@ def test_residual_add_quantizes_the_shortcut_found_by_structure(shortcut_first):
             helper.make_node("Add", add_inputs, ["sum"], name="residual"),
             helper.make_node("Relu", ["sum"], ["y"], name="relu2"),
         ],
-        [value("x", "N", 16, 8, 8)],
-        [value("y", "N", 32, 8, 8)],
+        [float_value("x", "N", 16, 8, 8)],
+        [float_value("y", "N", 32, 8, 8)],
         {"w1": weights(32, 16, 3, 3), "w2": weights(32, 32, 3, 3), "wp": weights(32, 16, 1, 1)},
     )
     batches = [{"x": normal(8, 16, 8, 8)} for _ in range(2)]

@@ -21,8 +21,8 @@ import math
 import numpy as np
 import onnx
 import pytest
-from helpers import run
-from onnx import TensorProto, helper, numpy_helper
+from helpers import checked_model, float_value, run
+from onnx import helper
 
 from trtq.calib import range_search
 from trtq.calib.histogram import Histogram
@@ -37,33 +37,15 @@ SPIKE = 20.0
 SPIKE_EVERY = 80  # samples
 
 
-def make_model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "range_search_test",
-        inputs,
-        outputs,
-        initializer=[numpy_helper.from_array(a, name) for name, a in initializers.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def value(name: str, *shape) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
-
-
 def planted_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
-    return make_model(
+    return checked_model(
         [
             helper.make_node("MatMul", ["a", "wa"], ["out_a"], name="matmul_a"),
             helper.make_node("MatMul", ["b", "wb"], ["out_b"], name="matmul_b"),
         ],
-        [value("a", "N", WIDTH), value("b", "N", WIDTH)],
-        [value("out_a", "N", 32), value("out_b", "N", 32)],
+        [float_value("a", "N", WIDTH), float_value("b", "N", WIDTH)],
+        [float_value("out_a", "N", 32), float_value("out_b", "N", 32)],
         {
             "wa": (rng.standard_normal((WIDTH, 32)) * 0.1).astype(np.float32),
             "wb": (rng.standard_normal((WIDTH, 32)) * 0.1).astype(np.float32),
@@ -215,7 +197,7 @@ def detector_head() -> onnx.ModelProto:
     def w(*shape):
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
 
-    return make_model(
+    return checked_model(
         [
             conv("x", "w_feat", "feat_pre", "conv_feat"),
             helper.make_node("Relu", ["feat_pre"], ["feat"], name="relu"),
@@ -228,11 +210,11 @@ def detector_head() -> onnx.ModelProto:
             conv("boxes", "w_box_ref", "box_refined", "conv_box_refine"),
             conv("scores", "w_cls_ref", "score_refined", "conv_score_refine"),
         ],
-        [value("x", "N", 16, 8, 8)],
+        [float_value("x", "N", 16, 8, 8)],
         [
-            value("detections", "N", 64, 8, 8),
-            value("box_refined", "N", 32, 8, 8),
-            value("score_refined", "N", 32, 8, 8),
+            float_value("detections", "N", 64, 8, 8),
+            float_value("box_refined", "N", 32, 8, 8),
+            float_value("score_refined", "N", 32, 8, 8),
         ],
         {
             "w_feat": w(32, 16, 3, 3),

@@ -97,33 +97,16 @@ class RayCalibration:
         self._cluster.close()
 
     def __call__(
-        self,
-        model: onnx.ModelProto,
-        tensors: Sequence[str],
-        batches: Iterable[Batch],
-        *,
-        bins: int = DEFAULT_BINS,
-        max_memory: int | None = None,
-        providers: Sequence[str] | None = None,
-        shard: Shard | None = None,
-        progress: bool = True,
+        self, model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Batch], **options
     ) -> Collection:
         """Histograms of ``tensors`` over all the data, observed by the Ray workers.
 
-        The workers are stopped when it returns: their CPUs go back to the cluster (node
+        Takes :func:`trtq.calib.collect.collect`'s options (see :meth:`_collect`). The
+        workers are stopped when it returns: their CPUs go back to the cluster (node
         evaluations of ``--target-*`` and ``trtq sensitivity`` start their own workers).
         """
         try:
-            return self._collect(
-                model,
-                tensors,
-                batches,
-                bins=bins,
-                max_memory=max_memory,
-                providers=providers,
-                shard=shard,
-                progress=progress,
-            )
+            return self._collect(model, tensors, batches, **options)
         finally:
             self._cluster.stop_workers()
 
