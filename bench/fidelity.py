@@ -18,7 +18,10 @@ against FP32 (``bench/task_metrics.py``).
 Peers (``--tools``): onnxruntime, Intel NNCF and NVIDIA ModelOpt, each in its own virtual
 environment made by the bench on first use (``bench/peer_envs.py``) and run by a small script
 (``bench/peers/<peer>_runner.py``) with TensorRT-style settings. Coverage is measured the same
-way on every written model (``trtq.graph.coverage``).
+way on every written model (``trtq.graph.coverage``), and so is deployability: trtq's own
+TensorRT invariant rules (``trtq.graph.invariants.check``) run on every written model, so that a
+peer's figures bought with something TensorRT cannot run (per-channel activation scales, say)
+are marked, and the verdict under each model compares trtq's default only with deployable peers.
 
 Every quantizer runs in its own fresh child process (wall time and peak RSS from ``os.wait4``);
 the evaluation runs in another child, in ONNX Runtime with basic graph optimizations, so Q/DQ
@@ -45,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,9 +69,14 @@ MNIST_CALIB_SAMPLES = 500  # calib_data/mnist_calib.npz (see calib_data/README.m
 
 MODELS = ("mnist", "rapid", *REAL_MODELS)
 TOOLS = ("trtq", *peer_envs.PEERS)
-TRTQ_METHODS = ("mse", "entropy", "percentile", "max", "auto")
+# trtq's default (trtq.calib.ranges.DEFAULT_METHOD, not imported: the parent stays lean) first,
+# because the verdict judges the first --methods entry.
+TRTQ_METHODS = ("entropy", "mse", "percentile", "max", "auto")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+NNCF_METHODS = ("default", "per-tensor")  # bench/peers/nncf_runner.py --method
 MODELOPT_METHODS = ("max", "entropy")
+#: Issue 12: trtq's default must keep at least this share of the MACs quantized to count.
+COVERAGE_FLOOR = 0.90
 
 # Natural photographs bundled in scikit-image (no download) that bench/realdata.py uses for
 # neither calibration nor held-out data: the out-of-domain set for the text-orientation model.
@@ -408,10 +417,12 @@ def quantize_peer(
 
 def evaluate(spec_path: Path, out_path: Path) -> None:
     """Child: fidelity of every candidate against the FP32 model on each data set, plus the
-    coverage measured on each candidate's graph. A candidate that fails is recorded, not fatal.
+    coverage measured on each candidate's graph and whether TensorRT can deploy it (trtq's own
+    invariant rules). A candidate that fails is recorded, not fatal.
     """
     sys.path.insert(0, str(REPO))
     from trtq.calib.data import open_batches
+    from trtq.graph.invariants import check
     from trtq.graph.load import load_model, model_inputs
     from trtq.graph.normalize import normalize
 
@@ -434,6 +445,10 @@ def evaluate(spec_path: Path, out_path: Path) -> None:
     reference = model_outputs(spec["fp32"], spec["datasets"]["heldout"]) if metric else None
     for key, path in spec["candidates"].items():
         entry: dict = {}
+        try:  # on the written graph as it is, before anything else can fail
+            entry["invariants"] = deployability([f.to_json() for f in check(load_model(path))])
+        except Exception as exc:
+            entry["invariants"] = {"deployable": None, "error": _one_line(exc)}
         try:
             entry["coverage"] = graph_coverage(load_model(path), example)
             entry["fidelity"] = {
@@ -444,9 +459,39 @@ def evaluate(spec_path: Path, out_path: Path) -> None:
                 candidate = model_outputs(path, spec["datasets"]["heldout"])
                 entry["task"] = task_metric(metric, reference, candidate)
         except Exception as exc:  # any failure of one candidate is a row, not the end
-            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            entry["error"] = _one_line(exc)
         result["candidates"][key] = entry
     out_path.write_text(json.dumps(result, indent=2))
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def deployability(findings: list[dict]) -> dict:
+    """trtq's invariant findings (``Finding.to_json``) on one written model, condensed.
+
+    Deployable means no finding of severity ``error`` (TensorRT rejects the model or computes
+    other values); ``warning`` findings (a layer silently runs in float, duplicate names) are
+    counted too but leave the model deployable. Counts are per rule, in first-seen order.
+    """
+    errors = Counter(f["rule"] for f in findings if f["severity"] == "error")
+    warnings = Counter(f["rule"] for f in findings if f["severity"] != "error")
+    return {
+        "deployable": not errors,
+        "errors": dict(errors),
+        "warnings": dict(warnings),
+        "findings": findings,
+    }
+
+
+def findings_text(invariants: dict) -> str:
+    """Findings in a few words: ``per-channel-activation x13 (error), dq-not-direct x2``."""
+    if invariants.get("error"):
+        return f"check failed: {invariants['error']}"
+    parts = [f"{rule} x{n} (error)" for rule, n in invariants["errors"].items()]
+    parts += [f"{rule} x{n} (warning)" for rule, n in invariants["warnings"].items()]
+    return ", ".join(parts)
 
 
 def model_outputs(model: str, folder: str) -> list[list]:
@@ -574,6 +619,7 @@ class Row:
     peak_rss_mib: float | None = None
     error: str = ""
     task: str = ""  # the task metric against FP32, in words (held-out data only)
+    deployable: bool | None = None  # no error finding of trtq's invariant rules; None: unknown
 
 
 def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dict:
@@ -584,7 +630,11 @@ def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dic
     jobs = []
     if "trtq" in args.tools:
         jobs += [(quantize_trtq, "trtq quantize --method", m) for m in args.methods]
-    peer_methods = {"ort": args.ort_methods, "nncf": ["default"], "modelopt": args.modelopt_methods}
+    peer_methods = {
+        "ort": args.ort_methods,
+        "nncf": args.nncf_methods,
+        "modelopt": args.modelopt_methods,
+    }
     for name in (tool for tool in args.tools if tool != "trtq"):
         peer = peer_envs.PEERS[name]
 
@@ -626,14 +676,22 @@ def run_workload(work: Workload, args: argparse.Namespace, workdir: Path) -> dic
         raise SystemExit(f"evaluation failed: {run.error} ({where})")
     evaluation = json.loads(result_path.read_text())
     tables = {name: build_rows(candidates, evaluation, name) for name in datasets}
+    described = [candidate_json(c, evaluation) for c in candidates]
+    verdicts = {}
+    if "trtq" in args.tools and set(args.tools) - {"trtq"}:
+        verdicts = {
+            name: verdict(described, args.methods[0], work.metric, name) for name in datasets
+        }
     return {
         "title": work.title,
         "model": str(work.model),
         "data": work.data_note,
+        "metric": work.metric,
         "fp32_total_macs_per_sample": evaluation["fp32"]["coverage"]["total_macs"],
         "fp32_top1_probability": evaluation["fp32"]["top1_probability"],
         "tables": {name: [asdict(row) for row in rows] for name, rows in tables.items()},
-        "candidates": [candidate_json(c, evaluation) for c in candidates],
+        "candidates": described,
+        "verdicts": verdicts,
         "evaluation_wall_s": run.wall_s,
     }
 
@@ -654,6 +712,7 @@ def build_rows(candidates: list[Candidate], evaluation: dict, dataset: str) -> l
             wall_s=c.run.wall_s,
             peak_rss_mib=c.run.peak_rss_mib,
             error=error,
+            deployable=entry.get("invariants", {}).get("deployable"),
         )
         if not error and coverage is not None:  # never a fidelity figure without its coverage
             for name, value in _figures(entry["fidelity"][dataset]).items():
@@ -664,22 +723,45 @@ def build_rows(candidates: list[Candidate], evaluation: dict, dataset: str) -> l
     return rows
 
 
+#: How each figure is printed: label, scale, decimals, unit. The task metrics' figures (in
+#: describe_task's order), then the fidelity figures a verdict compares.
+FIGURES = {
+    "mask_iou": ("mask IoU", 1, 4, ""),
+    "strings_unchanged": ("strings same", 100, 1, "%"),
+    "box_iou": ("box IoU", 1, 4, ""),
+    "class_agreement": ("class same", 100, 1, "%"),
+    "score_drift_max": ("score drift", 1, 3, ""),
+    "frames_agree": ("frames same", 100, 1, "%"),
+    "prob_drift_max": ("p drift", 1, 3, ""),
+    "spearman": ("Spearman", 1, 4, ""),
+    "similarity_drift_max": ("similarity drift", 1, 3, ""),
+    "cosine_mean": ("cosine mean", 1, 6, ""),
+    "accuracy": ("accuracy", 100, 2, "%"),
+    "top1_agreement": ("top-1 agree", 100, 2, "%"),
+}
+TASK_FIGURES = tuple(FIGURES)[:9]
+#: The one figure of each task metric that a verdict compares (higher is better): what the
+#: model is for (boxes found where FP32 found them, text read as FP32 reads it, ...).
+HEADLINE = {
+    "detector_agreement": "box_iou",
+    "mask_iou": "mask_iou",
+    "strings_unchanged": "strings_unchanged",
+    "sentence_similarity": "spearman",
+    "speech_agreement": "frames_agree",
+}
+
+
+def figure_text(key: str, value: float) -> str:
+    """One figure as the tables print it (``0.999998``, ``97.50%``)."""
+    _, scale, digits, unit = FIGURES[key]
+    return f"{value * scale:.{digits}f}{unit}"
+
+
 def describe_task(task: dict) -> str:
     """A task metric's figures in a few words."""
-    parts = {
-        "mask_iou": ("mask IoU", "{:.4f}", 1),
-        "strings_unchanged": ("strings same", "{:.1f}%", 100),
-        "box_iou": ("box IoU", "{:.4f}", 1),
-        "class_agreement": ("class same", "{:.1f}%", 100),
-        "score_drift_max": ("score drift", "{:.3f}", 1),
-        "frames_agree": ("frames same", "{:.1f}%", 100),
-        "prob_drift_max": ("p drift", "{:.3f}", 1),
-        "spearman": ("Spearman", "{:.4f}", 1),
-        "similarity_drift_max": ("similarity drift", "{:.3f}", 1),
-    }
     words = [
-        f"{label} {form.format(task[key] * scale)}"
-        for key, (label, form, scale) in parts.items()
+        f"{FIGURES[key][0]} {figure_text(key, task[key])}"
+        for key in TASK_FIGURES
         if task.get(key) is not None
     ]
     return ", ".join(words)
@@ -705,12 +787,137 @@ def candidate_json(c: Candidate, evaluation: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Verdict (issue 12): trtq's default against the best TensorRT-deployable peer setting
+# --------------------------------------------------------------------------------------------
+
+
+def headline_key(metric: str | None, dataset: str, candidate: dict) -> str | None:
+    """The figure besides cosine that says whether the task survived on ``dataset``: the task
+    metric's headline (held-out data only: it is measured there), else accuracy where the data
+    has labels, else top-1 agreement for a classifier; None when there is none to compare
+    (a task model on another data set, whose argmax says nothing)."""
+    if metric:
+        return HEADLINE[metric] if dataset == "heldout" else None
+    if candidate["fidelity"][dataset].get("accuracy") is not None:
+        return "accuracy"
+    return "top1_agreement"
+
+
+def _value(candidate: dict, key: str, dataset: str) -> float | None:
+    if key in TASK_FIGURES:
+        return (candidate.get("task") or {}).get(key)
+    return candidate["fidelity"][dataset].get(key)
+
+
+def _evaluated(candidate: dict) -> bool:
+    """The candidate was written and measured (its numbers exist)."""
+    return not candidate["run"]["error"] and not candidate.get("error") and "fidelity" in candidate
+
+
+def _outcome(key: str, ours: float, theirs: float) -> str:
+    """BEATS / TIES / LOSES, at the precision the tables print (a difference the table cannot
+    show is a tie)."""
+    _, scale, digits, _ = FIGURES[key]
+    a, b = round(ours * scale, digits), round(theirs * scale, digits)
+    return "BEATS" if a > b else "TIES" if a == b else "LOSES"
+
+
+def verdict(candidates: list[dict], method: str, metric: str | None, dataset: str) -> dict:
+    """trtq ``method`` against the best deployable peer row on ``dataset``, figure by figure.
+
+    Per figure (cosine mean, then the headline of :func:`headline_key`) the best peer is the
+    deployable peer row with the highest value, so each figure meets the strongest peer on
+    it. ``met``: trtq's model is deployable, keeps at least :data:`COVERAGE_FLOOR` of the MACs
+    quantized, and loses on no figure (a tie at the printed precision does not lose).
+    """
+    ours = next((c for c in candidates if c["tool"] == "trtq" and c["method"] == method), None)
+    if ours is None or not _evaluated(ours):
+        why = "not run" if ours is None else ours["run"]["error"] or ours.get("error", "")
+        return {"trtq": f"trtq/{method}", "met": False, "error": f"trtq {method}: {why}"}
+    peers = [c for c in candidates if c["tool"] != "trtq" and _evaluated(c)]
+    deployable = [c for c in peers if c.get("invariants", {}).get("deployable")]
+    keys = ["cosine_mean"]
+    headline = headline_key(metric, dataset, ours)
+    if headline is not None:
+        keys.append(headline)
+    figures = []
+    for key in keys:
+        value = _value(ours, key, dataset)
+        rivals = [(c, _value(c, key, dataset)) for c in deployable]
+        rivals = [(c, v) for c, v in rivals if v is not None]
+        best = max(rivals, key=lambda pair: pair[1], default=None)
+        figure = {"figure": key, "trtq": value, "peer": None, "peer_value": None}
+        if best is not None and value is not None:
+            figure.update(
+                peer=f"{best[0]['tool']}/{best[0]['method']}",
+                peer_value=best[1],
+                outcome=_outcome(key, value, best[1]),
+            )
+        else:
+            figure["outcome"] = "no trtq figure" if value is None else "no deployable peer"
+        figures.append(figure)
+    coverage = ours["coverage"]["fraction"]
+    trtq_deployable = ours.get("invariants", {}).get("deployable")
+    return {
+        "trtq": f"trtq/{method}",
+        "trtq_deployable": trtq_deployable,
+        "coverage": coverage,
+        "coverage_floor": COVERAGE_FLOOR,
+        "coverage_ok": coverage >= COVERAGE_FLOOR,
+        "figures": figures,
+        "peers_not_deployable": [
+            f"{c['tool']}/{c['method']}" for c in peers if c not in deployable
+        ],
+        "met": bool(trtq_deployable)
+        and coverage >= COVERAGE_FLOOR
+        and all(f["outcome"] in ("BEATS", "TIES") for f in figures),
+    }
+
+
+def format_verdict(result: dict) -> str:
+    """One verdict as a line: ``trtq entropy vs best deployable peer (nncf per-tensor): cosine
+    mean 0.999998 vs 0.999994 BEATS; top-1 agree ...; coverage 99.99% >= 90% OK: MET``."""
+    if "error" in result:
+        return f"{result['trtq']}: no verdict ({result['error']})"
+    trtq = result["trtq"].replace("/", " ")
+    peers = {f["peer"] for f in result["figures"]}
+    one_peer = len(peers) == 1 and None not in peers
+    head = f"{trtq} vs best deployable peer" + (
+        f" ({next(iter(peers)).replace('/', ' ')})" if one_peer else ""
+    )
+    parts = []
+    for f in result["figures"]:
+        label = FIGURES[f["figure"]][0]
+        if f["peer"] is None:
+            ours = "-" if f["trtq"] is None else figure_text(f["figure"], f["trtq"])
+            parts.append(f"{label} {ours}: {f['outcome']}")
+            continue
+        who = "" if one_peer else f" ({f['peer'].replace('/', ' ')})"
+        parts.append(
+            f"{label} {figure_text(f['figure'], f['trtq'])} vs "
+            f"{figure_text(f['figure'], f['peer_value'])}{who} {f['outcome']}"
+        )
+    floor = f"{result['coverage_floor']:.0%}"
+    coverage = _percent_down(result["coverage"])
+    parts.append(
+        f"coverage {coverage}% >= {floor} OK"
+        if result["coverage_ok"]
+        else f"coverage {coverage}% < {floor} BELOW"
+    )
+    if result["trtq_deployable"] is None:
+        parts.append("trtq's own model: invariant check failed")
+    elif not result["trtq_deployable"]:
+        parts.append("trtq's own model NOT deployable")
+    return f"{head}: {'; '.join(parts)}: {'MET' if result['met'] else 'NOT MET'}"
+
+
+# --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
 
 COLUMNS = (
     ("tool", "<", lambda r: r.tool),
-    ("method", "<", lambda r: r.method),
+    ("method", "<", lambda r: r.method + ("*" if r.deployable is False else "")),
     ("coverage %", ">", lambda r: _percent_down(r.coverage)),
     ("cos mean", ">", lambda r: _num(r.cosine_mean, 1, 6)),
     ("cos min", ">", lambda r: _num(r.cosine_min, 1, 6)),
@@ -784,8 +991,37 @@ def format_workload(result: dict) -> str:
     if confidence:
         text = ", ".join(f"{DATASET_NAMES[k]} {v:.3f}" for k, v in confidence.items())
         lines.append(f"FP32 mean top-1 probability (how decisive the model is): {text}")
+    lines += deployability_notes(result["candidates"])
+    if result["verdicts"]:
+        lines += [
+            "",
+            "verdict (trtq's default here, the first --methods entry, against the best "
+            "TensorRT-deployable peer row per figure):",
+        ]
+        lines += [
+            f"  {DATASET_NAMES[name]}: {format_verdict(v)}"
+            for name, v in result["verdicts"].items()
+        ]
     lines += ["", *coverage_notes(result["candidates"])]
     return "\n".join(lines)
+
+
+def deployability_notes(candidates: list[dict]) -> list[str]:
+    """The footnote of the ``*`` marker: what trtq's invariant rules found in each model."""
+    status = {True: "deployable", False: "* NOT deployable", None: "deployability unknown"}
+    lines = []
+    for c in candidates:
+        invariants = c.get("invariants")
+        text = findings_text(invariants) if invariants else ""
+        if text:
+            lines.append(f"  {c['tool']}/{c['method']}: {status[invariants['deployable']]}: {text}")
+    if lines:
+        lines.insert(
+            0,
+            "trtq.graph.invariants.check of each written model (* = an error rule fired: "
+            "TensorRT rejects the model or computes other values; unlisted models: no finding):",
+        )
+    return lines
 
 
 def coverage_notes(candidates: list[dict]) -> list[str]:
@@ -874,6 +1110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="onnxruntime CalibrationMethod values",
     )
     parser.add_argument(
+        "--nncf-methods",
+        nargs="+",
+        choices=NNCF_METHODS,
+        default=list(NNCF_METHODS),
+        help="NNCF settings: default = nncf.quantize's defaults; per-tensor = the same with "
+        "activations quantized per tensor (TensorRT takes no per-channel activation scales)",
+    )
+    parser.add_argument(
         "--modelopt-methods",
         nargs="+",
         choices=MODELOPT_METHODS,
@@ -958,8 +1202,10 @@ def main(argv: list[str] | None = None) -> int:
         "WeightSymmetric, QuantizeBias=False, its defaults otherwise (Entropy 128 bins, "
         "Percentile 99.999 of 2048 bins), pre-processing: "
         + ("quant_pre_process(skip_symbolic_shape=True)" if args.ort_preprocess else "none")
-        + "; NNCF defaults (PERFORMANCE preset, fast bias correction), its UINT8 activation "
-        "pairs rewritten as signed INT8 (zero point 0, scale 255/127 x) for TensorRT; "
+        + "; NNCF default = nncf.quantize defaults (PERFORMANCE preset, fast bias "
+        "correction), NNCF per-tensor = the same with activations per tensor "
+        "(QuantizationParameters(per_channel=False)), both with UINT8 activation pairs "
+        "rewritten as signed INT8 (zero point 0, scale 255/127 x) for TensorRT; "
         "ModelOpt int8, calibration_eps=['cpu'], high_precision_dtype='fp32'"
     )
     print(
@@ -970,6 +1216,12 @@ def main(argv: list[str] | None = None) -> int:
         "coverage: measured on every written graph by trtq.graph.coverage (Conv/ConvTranspose/"
         "Gemm/MatMul MACs whose activation and weight both come from DequantizeLinear; "
         "recurrent ops count in float); trtq's report is checked against it below."
+    )
+    print(
+        "deployable: trtq.graph.invariants.check of every written model; a method marked * "
+        "breaks an error rule (TensorRT rejects it or computes other values) and is no "
+        "candidate for the verdict, which compares the first --methods entry with the best "
+        f"deployable peer row per figure (and needs coverage >= {COVERAGE_FLOOR:.0%})."
     )
     print(
         f"wall: child process, interpreter start included; peak RSS: child's ru_maxrss "

@@ -1,5 +1,6 @@
 """SmoothQuant: the FP32 function is unchanged, outlier channels stop costing INT8 its levels,
-Q/K/V share one scale, unrolled LayerNorms and post-LN residual readers are handled."""
+Q/K/V share one scale, unrolled LayerNorms and post-LN residual readers are handled; depthwise
+Conv inputs are flattened into their filters (folded into a Conv, or a Mul), in CNNs too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers import run
+from helpers import checked_model, float_value, run
 from onnx import TensorProto, helper, numpy_helper
 
 from trtq.graph.smooth import channel_maxima, find_sites, first_batches, outlier_ratio, smooth
@@ -169,8 +170,10 @@ def smoothed(model: onnx.ModelProto, alpha: float = 0.5, automatic: bool = False
     return smooth(model, maxima, alpha, automatic=automatic)
 
 
-def max_relative_change(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
-    feeds = data(1, seed=9)[0]
+def max_relative_change(
+    a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None
+) -> float:
+    feeds = data(1, seed=9)[0] if feeds is None else feeds
     worst = 0.0
     for expected, got in zip(run(a, feeds), run(b, feeds), strict=True):
         diff = np.max(np.abs(expected.astype(np.float64) - got))
@@ -285,10 +288,11 @@ def test_first_batches_give_a_one_shot_stream_back_whole() -> None:
 # --- in the pipeline --------------------------------------------------------------------------
 
 
-def _error(model: onnx.ModelProto, smooth_quant: bool | None) -> tuple[float, dict]:
+def _error(model: onnx.ModelProto, smooth_quant: bool | None, inputs=data) -> tuple[float, dict]:
+    """Worst relative L2 error of the INT8 model's outputs on held-out ``inputs``."""
     calibration = CalibrationOptions(smooth_quant=smooth_quant, **QUIET)
-    result = quantize(model, data(4), calibration=calibration)
-    feeds = data(1, seed=11)[0]
+    result = quantize(model, inputs(4), calibration=calibration)
+    feeds = inputs(1, seed=11)[0]
     errors = [
         float(np.linalg.norm(q - e) / np.linalg.norm(e))
         for e, q in zip(run(model, feeds), run(result.model, feeds), strict=True)
@@ -421,3 +425,249 @@ def test_automatic_mode_is_for_transformers_only() -> None:
     error, report = _error(model, True)
     assert report["smooth_quant"]["smoothed"][0]["folded_into"] == ["gain"]
     assert error < _error(model, False)[0] / 3
+
+
+# --- depthwise convolutions -------------------------------------------------------------------
+
+CHANNELS, SIDE = 16, 6
+DW_OUTLIERS = [2, 9]
+
+
+def conv_data(
+    count: int = 2, batch: int = 4, seed: int = 5, dims: int = 2
+) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shape = (batch, CHANNELS) + (SIDE,) * dims
+    return [{"x": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(count)]
+
+
+def depthwise_model(
+    producer: str,
+    *,
+    multiplier: int = 1,
+    residual: bool = False,
+    dims: int = 2,
+    outliers: bool = True,
+) -> onnx.ModelProto:
+    """x -> producer -> ``act`` -> depthwise Conv ``dw`` (``multiplier`` outputs per channel,
+    with a bias) -> y. ``producer``: ``hardswish`` (a per-channel gain, then HardSwish: no Conv
+    to fold into), ``conv`` or ``conv_relu`` (a Conv ``conv1`` with a bias, then a Relu); with
+    ``outliers`` the channels :data:`DW_OUTLIERS` of ``act`` are 30x the rest. With
+    ``residual``, y = act + dw(act): ``act`` has a reader that must see it unscaled."""
+    rng = np.random.default_rng(7)
+    kernel, pads = (3,) * dims, [1] * (2 * dims)
+    boost = np.ones(CHANNELS, np.float32)
+    if outliers:
+        boost[DW_OUTLIERS] = 30.0
+    arrays = {
+        "wd": rng.normal(0, 0.3, (CHANNELS * multiplier, 1, *kernel)).astype(np.float32),
+        "bd": rng.normal(0, 0.1, CHANNELS * multiplier).astype(np.float32),
+    }
+    if producer == "hardswish":
+        arrays["gain"] = (boost * rng.uniform(0.8, 1.2, CHANNELS)).reshape(-1, *(1,) * dims)
+        nodes = [
+            helper.make_node("Mul", ["x", "gain"], ["gained"], name="gain"),
+            helper.make_node("HardSwish", ["gained"], ["act"], name="hardswish"),
+        ]
+    else:
+        w1 = rng.normal(0, 0.3, (CHANNELS, CHANNELS, *kernel)).astype(np.float32)
+        arrays["w1"] = w1 * boost.reshape(-1, *(1,) * (dims + 1))
+        arrays["b1"] = rng.normal(0, 0.1, CHANNELS).astype(np.float32) * boost
+        conv_out = "conv1_out" if producer == "conv_relu" else "act"
+        nodes = [helper.make_node("Conv", ["x", "w1", "b1"], [conv_out], name="conv1", pads=pads)]
+        if producer == "conv_relu":
+            nodes.append(helper.make_node("Relu", ["conv1_out"], ["act"], name="relu"))
+    dw_out = "dw_out" if residual else "y"
+    nodes.append(
+        helper.make_node(
+            "Conv", ["act", "wd", "bd"], [dw_out], name="dw", group=CHANNELS, pads=pads
+        )
+    )
+    if residual:
+        nodes.append(helper.make_node("Add", ["act", "dw_out"], ["y"], name="residual"))
+    arrays = {name: value.astype(np.float32) for name, value in arrays.items()}
+    spatial = (SIDE,) * dims
+    return checked_model(
+        nodes,
+        [float_value("x", "N", CHANNELS, *spatial)],
+        [float_value("y", "N", CHANNELS * multiplier, *spatial)],
+        arrays,
+    )
+
+
+def depthwise_smoothed(model: onnx.ModelProto, dims: int = 2):
+    """Automatic mode: ``act`` (outliers) is smoothed, the flat graph input is left alone."""
+    sites, _ = find_sites(model)
+    maxima = channel_maxima(model, {s.tensor: s.axis for s in sites}, conv_data(dims=dims))
+    result, record = smooth(model, maxima, 0.85, automatic=True)
+    assert [s.tensor for s in record.sites] == ["act"]
+    return result, record, record.sites[0]
+
+
+def activation_maxima(model: onnx.ModelProto, name: str, dims: int) -> np.ndarray:
+    """max |x_c| of ``name`` over :func:`conv_data`, from ONNX Runtime (not smooth's code)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    values = [run(exposed, batch)[-1] for batch in conv_data(dims=dims)]
+    return np.abs(np.concatenate(values)).max(axis=(0, *range(2, 2 + dims)))
+
+
+@pytest.mark.parametrize(
+    ("producer", "multiplier", "residual", "dims"),
+    [
+        ("hardswish", 1, False, 2),
+        ("conv_relu", 1, False, 2),
+        ("conv", 1, True, 2),
+        ("conv", 1, False, 2),
+        ("conv_relu", 2, False, 2),
+        ("hardswish", 2, False, 1),
+        ("conv_relu", 1, False, 1),
+    ],
+)
+def test_depthwise_input_flattened_into_its_filters(
+    producer: str, multiplier: int, residual: bool, dims: int
+) -> None:
+    """s_c = max|x_c| / median: the filters of channel c (all ``multiplier`` of them) times
+    s_c, and 1/s folded into conv1's output channels (through the Relu), or a Mul [C, 1, ...]
+    read by the depthwise Conv only; the FP32 function unchanged."""
+    model = depthwise_model(producer, multiplier=multiplier, residual=residual, dims=dims)
+    result, record, site = depthwise_smoothed(model, dims)
+    assert site.consumers == ("dw",)
+    assert record.to_json()["smoothed"][0]["kind"] == "depthwise conv"
+    x_max = activation_maxima(model, "act", dims)
+    scale = x_max / np.median(x_max)
+    assert site.outlier_ratio > 10 and site.ratio_after == pytest.approx(1.0)
+    before, after = initializers(model), initializers(result)
+    per_output = np.repeat(scale, multiplier).reshape(-1, *(1,) * (dims + 1))
+    np.testing.assert_allclose(after["wd"], before["wd"] * per_output, rtol=1e-4)
+    np.testing.assert_array_equal(after["bd"], before["bd"])
+    nodes = {n.name: n for n in result.graph.node}
+    if producer == "hardswish" or residual:
+        assert site.folded_into == () and site.inserted is not None
+        assert record.to_json()["smoothed"][0]["inserted_mul"] == site.inserted
+        mul = nodes[site.inserted]
+        assert mul.op_type == "Mul" and mul.input[0] == "act"
+        assert nodes["dw"].input[0] == mul.output[0]
+        factor = after[mul.input[1]]
+        assert factor.shape == (CHANNELS, *(1,) * dims)
+        np.testing.assert_allclose(factor.reshape(-1), 1.0 / scale, rtol=1e-4)
+        if residual:
+            assert nodes["residual"].input[0] == "act"
+            assert "also read by residual" in site.inserted_because
+        for name in set(before) - {"wd"}:  # the producer keeps its constants
+            np.testing.assert_array_equal(after[name], before[name])
+    else:
+        assert site.folded_into == ("conv1",) and site.inserted is None
+        assert [n.op_type for n in result.graph.node] == [n.op_type for n in model.graph.node]
+        shape = (-1, *(1,) * (dims + 1))
+        np.testing.assert_allclose(after["w1"], before["w1"] / scale.reshape(shape), rtol=1e-4)
+        np.testing.assert_allclose(after["b1"], before["b1"] / scale, rtol=1e-4)
+    assert max_relative_change(model, result, conv_data(1, seed=9, dims=dims)[0]) < 1e-5
+
+
+def test_relu_input_read_elsewhere_is_not_folded_through() -> None:
+    """conv1's output also feeds a second Relu: dividing conv1 would change that reader."""
+    model = depthwise_model("conv_relu")
+    model.graph.node.append(helper.make_node("Relu", ["conv1_out"], ["other"], name="other"))
+    model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+    result, _, site = depthwise_smoothed(model)
+    assert site.inserted is not None and "input of Relu relu is read elsewhere" in (
+        site.inserted_because or ""
+    )
+    np.testing.assert_array_equal(initializers(result)["w1"], initializers(model)["w1"])
+    assert max_relative_change(model, result, conv_data(1, seed=9)[0]) < 1e-5
+
+
+def test_grouped_conv_is_not_depthwise() -> None:
+    """group 8 over 16 channels: each filter reads 2 channels, and is not smoothed."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (CHANNELS, 2, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="grouped", group=CHANNELS // 2)
+    model = checked_model(
+        [node],
+        [float_value("x", "N", CHANNELS, SIDE, SIDE)],
+        [float_value("y", "N", CHANNELS, SIDE - 2, SIDE - 2)],
+        {"w": w},
+    )
+    assert find_sites(model) == ([], [])
+
+
+def cnn_model(outliers: bool) -> onnx.ModelProto:
+    """A MobileNet-like block and a classifier head: conv1 -> HardSwish -> ``act`` -> depthwise
+    -> Relu -> pointwise -> ``y``, and y -> GlobalAveragePool -> Gemm -> ``logits``. With
+    ``outliers`` channels :data:`DW_OUTLIERS` of ``act`` are 30x the rest (their depthwise
+    filters 30x smaller, as a folded BatchNorm leaves them, so only ``act`` has outliers)."""
+    rng = np.random.default_rng(4)
+    boost = np.ones(CHANNELS, np.float32)
+    if outliers:
+        boost[DW_OUTLIERS] = 30.0
+    arrays = {
+        "w1": rng.normal(0, 0.3, (CHANNELS, CHANNELS, 3, 3)) * boost.reshape(-1, 1, 1, 1),
+        "b1": rng.normal(0, 0.1, CHANNELS) * boost,
+        "wd": rng.normal(0, 0.3, (CHANNELS, 1, 3, 3)) / boost.reshape(-1, 1, 1, 1),
+        "wp": rng.normal(0, 0.3, (CHANNELS, CHANNELS, 1, 1)),
+        "shape": np.array([0, -1], np.int64),
+        "wg": rng.normal(0, 0.3, (10, CHANNELS)),
+    }
+    arrays = {k: v if v.dtype == np.int64 else v.astype(np.float32) for k, v in arrays.items()}
+    pads = [1, 1, 1, 1]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=pads),
+        helper.make_node("HardSwish", ["c1"], ["act"], name="hardswish"),
+        helper.make_node("Conv", ["act", "wd"], ["d"], name="dw", group=CHANNELS, pads=pads),
+        helper.make_node("Relu", ["d"], ["d_relu"], name="dw_relu"),
+        helper.make_node("Conv", ["d_relu", "wp"], ["y"], name="pointwise"),
+        helper.make_node("GlobalAveragePool", ["y"], ["pooled"], name="pool"),
+        helper.make_node("Reshape", ["pooled", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg"], ["logits"], name="head", transB=1),
+    ]
+    return checked_model(
+        nodes,
+        [float_value("x", "N", CHANNELS, SIDE, SIDE)],
+        [float_value("y", "N", CHANNELS, SIDE, SIDE), float_value("logits", "N", 10)],
+        arrays,
+    )
+
+
+def test_automatic_mode_smooths_depthwise_outliers_in_a_cnn() -> None:
+    """No LayerNorm anywhere: the depthwise input is smoothed all the same (a Mul after the
+    HardSwish), the Gemm head is not, and the INT8 error falls at the same coverage;
+    ``smooth_quant=False`` leaves the model alone."""
+    model = cnn_model(outliers=True)
+    plain, plain_report = _error(model, False, conv_data)
+    error, report = _error(model, None, conv_data)
+    assert "smooth_quant" not in plain_report
+    found = report["smooth_quant"]
+    depthwise = [s for s in found["smoothed"] if s["kind"] == "depthwise conv"]
+    assert [(s["tensor"], s["consumers"]) for s in depthwise] == [("act", ["dw"])]
+    assert depthwise[0]["inserted_mul"] is not None
+    skipped = {s["tensor"]: s["reason"] for s in found["skipped"]}
+    assert skipped["flat"] == "not a transformer (no LayerNorm feeds a MatMul)"
+    assert report["coverage"] == plain_report["coverage"]
+    assert error < plain / 2, (plain, error)
+
+
+def test_automatic_mode_leaves_a_flat_depthwise_input_alone() -> None:
+    model = cnn_model(outliers=False)
+    _, report = _error(model, None, conv_data)
+    found = report["smooth_quant"]
+    assert "act" not in [s["tensor"] for s in found["smoothed"]]
+    reasons = {s["tensor"]: s["reason"] for s in found["skipped"]}
+    assert reasons["act"].startswith("no outlier channels") and "<= 2" in reasons["act"]
+
+
+def test_smooth_quant_off_leaves_depthwise_filters_alone() -> None:
+    model = cnn_model(outliers=True)
+    calibration = CalibrationOptions(smooth_quant=False, **QUIET)
+    result = quantize(model, conv_data(2), calibration=calibration)
+    assert "smooth_quant" not in result.report
+    assert not [n for n in result.model.graph.node if "SmoothQuant" in n.name]
+    dw = next(n for n in result.model.graph.node if n.name == "dw")
+    producers = {o: n for n in result.model.graph.node for o in n.output}
+    weight_dq = producers[dw.input[1]]
+    quantized = initializers(result.model)[weight_dq.input[0]].astype(np.float32)
+    dequantized = quantized * initializers(result.model)[weight_dq.input[1]].reshape(-1, 1, 1, 1)
+    original = initializers(model)["wd"]
+    step = np.abs(original).max(axis=(1, 2, 3), keepdims=True) / 127
+    assert np.all(np.abs(dequantized - original) <= step)

@@ -405,10 +405,12 @@ def _smoothed(
             )
         return model, batches, None
     sites, _ = smooth.find_sites(model)
-    if not sites or not (explicit or any(site.layer_norm for site in sites)):
-        return model, batches, None  # automatic: only transformers (LayerNorm -> MatMul)
+    if not explicit:
+        sites = smooth.automatic_sites(sites)
+    if not sites:
+        return model, batches, None
     taken, batches = smooth.first_batches(batches, smooth.DEFAULT_SAMPLES, model)
-    tensors = [site.tensor for site in sites]
+    tensors = {site.tensor: site.axis for site in sites}
     maxima = smooth.channel_maxima(model, tensors, taken, calibration.providers)
     model, record = smooth.smooth(model, maxima, calibration.smooth_alpha, automatic=not explicit)
     record.samples = sum(batch_size(b, model) for b in taken)

@@ -28,13 +28,15 @@ def load_feeds(folder: str) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, methods: tuple[str, ...] | None = None) -> argparse.Namespace:
+    """The runners' shared command line; ``methods`` (the first is the default) restricts
+    ``--method`` to the settings a runner knows, so a typo fails instead of running another."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model")
     parser.add_argument("calib", help="folder of .npz feeds")
     parser.add_argument("output", help="the quantized ONNX model to write")
     parser.add_argument("stats", help="JSON file for wall time, peak RSS and notes")
-    parser.add_argument("--method", default="default")
+    parser.add_argument("--method", default=methods[0] if methods else "default", choices=methods)
     parser.add_argument("--transformer", action="store_true", help="the model is a transformer")
     parser.add_argument("--preprocess", action="store_true", help="the tool's own pre-processing")
     return parser.parse_args()
