@@ -1,6 +1,8 @@
 """SmoothQuant: the FP32 function is unchanged, outlier channels stop costing INT8 its levels,
 Q/K/V share one scale, unrolled LayerNorms and post-LN residual readers are handled; depthwise
-Conv inputs are flattened into their filters (folded into a Conv, or a Mul), in CNNs too."""
+Conv inputs are flattened into their filters (folded into a Conv, or a Mul), in CNNs too, and
+group-1 Conv inputs smoothed with 1/s moved back through pooling and Relu (into the producing
+Conv, or a Mul before the pool on its branch); mask-filled inputs are left alone."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import pytest
 from helpers import checked_model, float_value, run
 from onnx import TensorProto, helper, numpy_helper
 
+from trtq.graph import invariants
+from trtq.graph.coverage import quantized_compute_nodes
 from trtq.graph.smooth import channel_maxima, find_sites, first_batches, outlier_ratio, smooth
 from trtq.quantizer import CalibrationOptions, quantize
 
@@ -671,3 +675,264 @@ def test_smooth_quant_off_leaves_depthwise_filters_alone() -> None:
     original = initializers(model)["wd"]
     step = np.abs(original).max(axis=(1, 2, 3), keepdims=True) / 127
     assert np.all(np.abs(dequantized - original) <= step)
+
+
+# --- ordinary convolutions, and 1/s moved through pooling --------------------------------------
+
+CONV_OUT = 24
+#: conv2's weights of this input channel are 1e-8: sqrt(x_max / w_max) ~ 2e4 is clipped to 1e3.
+DEAD_INPUT = 5
+
+
+def conv_model(
+    producer: str, chain: tuple[str, ...] = (), *, consumer: str = "conv", se: bool = False
+) -> onnx.ModelProto:
+    """x -> producer -> ``chain`` (channel-wise ops, in order) -> ``act`` -> Conv ``conv2``
+    (3x3, bias) -> y. ``producer``: ``hardswish`` (x times a per-channel gain, then HardSwish,
+    output ``hs``) or ``conv`` (a Conv ``conv1`` with a bias, output ``c1``), whose output is
+    ``act`` when there is no chain; its channels :data:`DW_OUTLIERS` are 30x the rest.
+    ``consumer``: ``conv`` (group 1, :data:`CONV_OUT` outputs; the weights of the outlier
+    input channels 30x smaller, as a folded BatchNorm leaves them, those of
+    :data:`DEAD_INPUT` 1e-8) or ``depthwise``. Pools are 3x3, padded to keep the size; chain
+    ops are named (and write) their op type in lower case. With ``se`` (the chain a global
+    pool) the producer's output is also multiplied by HardSigmoid(y), squeeze-and-excitation
+    style, and the graph output is that product, ``out``."""
+    rng = np.random.default_rng(11)
+    boost = np.ones(CHANNELS)
+    boost[DW_OUTLIERS] = 30.0
+    pads = [1, 1, 1, 1]
+    if producer == "hardswish":
+        arrays = {"gain": (boost * rng.uniform(0.8, 1.2, CHANNELS)).reshape(-1, 1, 1)}
+        nodes = [
+            helper.make_node("Mul", ["x", "gain"], ["gained"], name="gain"),
+            helper.make_node("HardSwish", ["gained"], ["hs"], name="hardswish"),
+        ]
+    else:
+        w1 = rng.normal(0, 0.3, (CHANNELS, CHANNELS, 3, 3))
+        arrays = {"w1": w1 * boost.reshape(-1, 1, 1, 1), "b1": rng.normal(0, 0.1, CHANNELS) * boost}
+        nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=pads)]
+    produced = tensor = nodes[-1].output[0]
+    for i, op in enumerate(chain):
+        out = "act" if i == len(chain) - 1 else op.lower()
+        window = {} if op.startswith("Global") or op == "Relu" else {"kernel_shape": [3, 3]}
+        pool = {"pads": pads} if window else {}
+        nodes.append(helper.make_node(op, [tensor], [out], name=op.lower(), **window, **pool))
+        tensor = out
+    if not chain:
+        nodes[-1].output[0] = "act"
+    outputs = CONV_OUT if consumer == "conv" and not se else CHANNELS
+    if consumer == "conv":
+        w2 = rng.normal(0, 0.3, (outputs, CHANNELS, 3, 3)) / boost.reshape(1, -1, 1, 1)
+        w2[:, DEAD_INPUT] *= 1e-8
+        group = {}
+    else:
+        w2 = rng.normal(0, 0.3, (CHANNELS, 1, 3, 3)) / boost.reshape(-1, 1, 1, 1)
+        group = {"group": CHANNELS}
+    arrays |= {"w2": w2, "b2": rng.normal(0, 0.1, outputs)}
+    nodes.append(
+        helper.make_node("Conv", ["act", "w2", "b2"], ["y"], name="conv2", pads=pads, **group)
+    )
+    side = 1 if any(op.startswith("Global") for op in chain) else SIDE
+    result = float_value("y", "N", outputs, side, side)
+    if se:
+        nodes += [
+            helper.make_node("HardSigmoid", ["y"], ["gate"], name="gate"),
+            helper.make_node("Mul", [produced, "gate"], ["out"], name="se_mul"),
+        ]
+        result = float_value("out", "N", CHANNELS, SIDE, SIDE)
+    arrays = {name: value.astype(np.float32) for name, value in arrays.items()}
+    return checked_model(nodes, [float_value("x", "N", CHANNELS, SIDE, SIDE)], [result], arrays)
+
+
+def conv_scale(model: onnx.ModelProto, dims: int = 2) -> np.ndarray:
+    """s_c = sqrt(max|x_c| / max|W[:, c]|) for ``act`` -> conv2 (alpha 0.5; the weight's max
+    over output channels and kernel), within [1e-3, 1e3]; x from ONNX Runtime."""
+    x_max = activation_maxima(model, "act", dims)
+    w_max = np.abs(initializers(model)["w2"]).max(axis=(0, *range(2, 2 + dims)))
+    return np.clip(np.sqrt(x_max / w_max), 1e-3, 1e3)
+
+
+@pytest.mark.parametrize("producer", ["hardswish", "conv"])
+def test_conv_input_channels_take_s(producer: str) -> None:
+    """A group-1 Conv: its weights of input channel c times s_c, with alpha 0.5 whatever
+    alpha smooth() is given (0.85 here), the near-dead channel's s clipped to 1e3; its bias
+    unchanged; 1/s a Mul [C, 1, 1] on ``act`` after the HardSwish, or folded into conv1's
+    output channels; the FP32 function unchanged."""
+    model = conv_model(producer)
+    result, record, site = depthwise_smoothed(model)
+    assert site.consumers == ("conv2",)
+    assert record.to_json()["smoothed"][0]["kind"] == "conv"
+    assert site.outlier_ratio > 10 and site.ratio_after < 2
+    scale = conv_scale(model)
+    assert scale[DEAD_INPUT] == 1e3
+    before, after = initializers(model), initializers(result)
+    np.testing.assert_allclose(after["w2"], before["w2"] * scale.reshape(1, -1, 1, 1), rtol=1e-4)
+    np.testing.assert_array_equal(after["b2"], before["b2"])
+    nodes = {n.name: n for n in result.graph.node}
+    if producer == "hardswish":
+        assert site.folded_into == () and "HardSwish hardswish is not a Conv" in (
+            site.inserted_because or ""
+        )
+        mul = nodes[site.inserted]
+        assert mul.op_type == "Mul" and mul.input[0] == "act"
+        assert nodes["conv2"].input[0] == mul.output[0]
+        np.testing.assert_allclose(after[mul.input[1]], 1 / scale.reshape(-1, 1, 1), rtol=1e-4)
+        np.testing.assert_array_equal(after["gain"], before["gain"])
+    else:
+        assert site.folded_into == ("conv1",) and site.inserted is None
+        shape = (-1, 1, 1, 1)
+        np.testing.assert_allclose(after["w1"], before["w1"] / scale.reshape(shape), rtol=1e-4)
+        np.testing.assert_allclose(after["b1"], before["b1"] / scale, rtol=1e-4)
+    assert max_relative_change(model, result, conv_data(1, seed=9)[0]) < 1e-5
+
+
+def test_automatic_mode_smooths_a_conv_input_in_a_cnn() -> None:
+    """No LayerNorm, no depthwise conv: the group-1 Conv's input is smoothed by default, and
+    its INT8 error falls at the same coverage."""
+    model = conv_model("hardswish")
+    plain, plain_report = _error(model, False, conv_data)
+    error, report = _error(model, None, conv_data)
+    found = [(s["tensor"], s["kind"], s["consumers"]) for s in report["smooth_quant"]["smoothed"]]
+    assert found == [("act", "conv", ["conv2"])]
+    assert report["coverage"] == plain_report["coverage"]
+    assert report["coverage"]["quantized_nodes"] == 1
+    assert error < plain / 5, (plain, error)
+
+
+@pytest.mark.parametrize(
+    ("chain", "consumer"),
+    [
+        (("Relu", "MaxPool"), "conv"),
+        (("Relu", "AveragePool"), "depthwise"),
+        (("GlobalMaxPool",), "conv"),
+    ],
+)
+def test_one_over_s_moves_through_pooling_into_the_producing_conv(
+    chain: tuple[str, ...], consumer: str
+) -> None:
+    """conv1 -> chain -> conv2: every op between them commutes with a positive per-channel
+    factor, so 1/s is folded into conv1's output channels (weight and bias) and the graph
+    keeps its nodes and edges; the FP32 function unchanged."""
+    model = conv_model("conv", chain, consumer=consumer)
+    result, _, site = depthwise_smoothed(model)
+    assert site.folded_into == ("conv1",) and site.inserted is None
+    assert site.inserted_because is None
+
+    def edges(m: onnx.ModelProto) -> list:
+        return [(n.name, n.op_type, list(n.input), list(n.output)) for n in m.graph.node]
+
+    assert edges(result) == edges(model)
+    before, after = initializers(model), initializers(result)
+    factor = after["w2"] / before["w2"]
+    scale = factor[0, :, 0, 0] if consumer == "conv" else factor[:, 0, 0, 0]
+    assert scale.max() / scale.min() > 10
+    shape = (1, -1, 1, 1) if consumer == "conv" else (-1, 1, 1, 1)
+    np.testing.assert_allclose(after["w2"], before["w2"] * scale.reshape(shape), rtol=1e-4)
+    np.testing.assert_allclose(after["w1"], before["w1"] / scale.reshape(-1, 1, 1, 1), rtol=1e-4)
+    np.testing.assert_allclose(after["b1"], before["b1"] / scale, rtol=1e-4)
+    assert max_relative_change(model, result, conv_data(1, seed=9)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("se", [False, True])
+def test_mul_goes_before_the_pool_on_its_branch_only(se: bool) -> None:
+    """HardSwish -> GlobalAveragePool -> conv2: no Conv to fold into, so the Mul by 1/s goes
+    before the pool (which then reads it) rather than on the pool's output; with a
+    squeeze-and-excitation Mul also reading the HardSwish output, that reader keeps the
+    unscaled values. The FP32 function unchanged."""
+    model = conv_model("hardswish", ("GlobalAveragePool",), se=se)
+    result, _, site = depthwise_smoothed(model)
+    nodes = {n.name: n for n in result.graph.node}
+    mul = nodes[site.inserted]
+    assert mul.op_type == "Mul" and mul.input[0] == "hs"
+    assert nodes["globalaveragepool"].input[0] == mul.output[0]
+    assert nodes["conv2"].input[0] == "act"
+    reason = site.inserted_because or ""
+    if se:
+        assert nodes["se_mul"].input[0] == "hs"
+        assert "input of GlobalAveragePool globalaveragepool is read elsewhere" in reason
+    else:
+        assert "HardSwish hardswish is not a Conv" in reason
+    before, after = initializers(model), initializers(result)
+    scale = conv_scale(model)
+    np.testing.assert_allclose(after["w2"], before["w2"] * scale.reshape(1, -1, 1, 1), rtol=1e-4)
+    np.testing.assert_allclose(after[mul.input[1]], 1 / scale.reshape(-1, 1, 1), rtol=1e-4)
+    np.testing.assert_array_equal(after["gain"], before["gain"])
+    onnx.checker.check_model(result, full_check=True)  # topologically sorted, shapes agree
+    assert max_relative_change(model, result, conv_data(1, seed=9)[0]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("producer", "chain"), [("hardswish", ("GlobalAveragePool",)), ("conv", ("Relu", "MaxPool"))]
+)
+def test_conv_input_that_is_a_graph_output_gets_its_own_mul(
+    producer: str, chain: tuple[str, ...]
+) -> None:
+    """``act`` is also a graph output, which must stay unscaled: the Mul goes on ``act`` for
+    conv2 alone, neither before the chain nor folded into conv1."""
+    model = conv_model(producer, chain)
+    side = 1 if chain[0].startswith("Global") else SIDE
+    model.graph.output.append(float_value("act", "N", CHANNELS, side, side))
+    result, _, site = depthwise_smoothed(model)
+    nodes = {n.name: n for n in result.graph.node}
+    mul = nodes[site.inserted]
+    assert mul.input[0] == "act" and nodes["conv2"].input[0] == mul.output[0]
+    assert site.folded_into == ()
+    if producer == "conv":
+        assert "act is also read by the graph output" in (site.inserted_because or "")
+        np.testing.assert_array_equal(initializers(result)["w1"], initializers(model)["w1"])
+    assert max_relative_change(model, result, conv_data(1, seed=9)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("fill", [-np.inf, -3.4e38])
+@pytest.mark.parametrize("automatic", [False, True])
+def test_mask_filled_conv_input_is_not_smoothed(fill: float, automatic: bool) -> None:
+    """Where(keep, x, fill) -> Conv: a mask fill is no channel range to flatten (every s
+    would be the 1e3 limit): skipped with the reason, the model unchanged."""
+    arrays = {
+        "fill": np.array(fill, np.float32),
+        "w": np.random.default_rng(3).normal(0, 0.3, (CONV_OUT, CHANNELS, 3, 3)),
+    }
+    nodes = [
+        helper.make_node("Where", ["keep", "x", "fill"], ["masked"], name="mask"),
+        helper.make_node("Conv", ["masked", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    shape = ("N", CHANNELS, SIDE, SIDE)
+    model = checked_model(
+        nodes,
+        [float_value("x", *shape), helper.make_tensor_value_info("keep", TensorProto.BOOL, shape)],
+        [float_value("y", "N", CONV_OUT, SIDE, SIDE)],
+        {k: v.astype(np.float32) for k, v in arrays.items()},
+    )
+    rng = np.random.default_rng(4)
+    batches = [{**b, "keep": rng.random(b["x"].shape) > 0.3} for b in conv_data()]
+    sites, _ = find_sites(model)
+    assert [s.tensor for s in sites] == ["masked"]
+    maxima = channel_maxima(model, {s.tensor: s.axis for s in sites}, batches)
+    result, record = smooth(model, maxima, automatic=automatic)
+    assert record.sites == []
+    [skipped] = record.skipped
+    assert skipped["tensor"] == "masked" and skipped["reason"].startswith("mask fills")
+    assert result.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("producer", "chain", "consumer", "se"),
+    [
+        ("hardswish", (), "conv", False),
+        ("conv", ("Relu", "MaxPool"), "conv", False),
+        ("conv", ("Relu", "AveragePool"), "depthwise", False),
+        ("hardswish", ("GlobalAveragePool",), "conv", True),
+    ],
+)
+def test_smoothed_q_dq_models_keep_trtqs_invariants(
+    producer: str, chain: tuple[str, ...], consumer: str, se: bool
+) -> None:
+    """What quantize writes after smoothing a Conv input (a Mul on it, 1/s folded through
+    pooling, a Mul before a pool) breaks none of TensorRT's invariants, and conv2 runs in
+    INT8 there."""
+    model = conv_model(producer, chain, consumer=consumer, se=se)
+    result = quantize(model, conv_data(4), calibration=CalibrationOptions(**QUIET))
+    assert [s["tensor"] for s in result.report["smooth_quant"]["smoothed"]] == ["act"]
+    errors = [f for f in invariants.check(result.model) if f.severity == invariants.ERROR]
+    assert errors == []
+    assert "conv2" in quantized_compute_nodes(result.model)

@@ -309,8 +309,6 @@ def _conv_folds(
     first = None
     node = producers.get(tensor)
     while node is not None and node.op_type in CHANNELWISE_HOMOGENEOUS:
-        if len(readers.get(node.output[0], [])) != 1 and first is not None:
-            break
         first = node
         inner = node.input[0]
         if inner in outputs or len(readers.get(inner, [])) != 1:
@@ -319,7 +317,7 @@ def _conv_folds(
         node = producers.get(inner)
     if node is None:
         return [], f"{tensor} comes from a graph input: no Conv to fold 1/s into", first
-    if node.op_type != "Conv" or any(name not in constants for name in node.input[1:]):
+    if node.op_type != "Conv" or any(n and n not in constants for n in node.input[1:]):
         op = f"{node.op_type} {node.name}"
         return [], f"{op} is not a Conv with constant weights to fold 1/s into", first
     return [(node, i) for i in range(1, len(node.input)) if node.input[i]], None, first
