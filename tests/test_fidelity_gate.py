@@ -13,9 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 import trtq
 from trtq.cli import main
 from trtq.errors import EXIT_GATE_FAILED, EXIT_USER_ERROR
+from trtq.report import verify as verify_module
 from trtq.report.verify import (
+    CHECK_MACS,
+    DEFAULT_SAMPLES,
     FLOOR_MAX_REL_L2,
     FLOOR_MIN_COSINE,
+    MIN_CHECK_SAMPLES,
     NO_DATA,
     FidelityOptions,
     SampleKeeper,
@@ -122,6 +126,28 @@ def test_fewer_samples_on_request_and_from_small_data(capsys, tmp_path):
     assert report["verification"]["data"]["samples"] == 10
     _, _, _, report = quantize(capsys, tmp_path, "--calib", CALIB, "--limit", "20")
     assert report["verification"]["data"]["samples"] == 20  # all there is
+
+
+def test_heavy_models_are_checked_on_fewer_samples_unless_told(capsys, tmp_path, monkeypatch):
+    """The default check spends at most CHECK_MACS (MNIST: 12.4M MACs a sample); an explicit
+    --verify-samples is taken as given."""
+    monkeypatch.setattr(verify_module, "CHECK_MACS", 12_363_072 * 20)
+    _, out, _, report = quantize(capsys, tmp_path, "--calib", CALIB, "--batch-size", "8")
+    assert report["verification"]["data"]["samples"] == 20
+    assert "check data: first 20 samples (3 batches)" in out
+    monkeypatch.setattr(verify_module, "CHECK_MACS", 1)
+    _, _, _, report = quantize(capsys, tmp_path, "--calib", CALIB)
+    assert report["verification"]["data"]["samples"] == verify_module.MIN_CHECK_SAMPLES
+    _, _, _, report = quantize(capsys, tmp_path, "--calib", CALIB, "--verify-samples", "30")
+    assert report["verification"]["data"]["samples"] == 30
+
+
+def test_samples_for_a_model_stay_within_the_budget_and_the_bounds():
+    options = FidelityOptions()
+    assert options.samples_for(1) == DEFAULT_SAMPLES
+    assert options.samples_for(CHECK_MACS // 10) == 10
+    assert options.samples_for(CHECK_MACS * 10) == MIN_CHECK_SAMPLES
+    assert FidelityOptions(samples=7).samples_for(CHECK_MACS * 10) == 7
 
 
 def test_ranges_from_stats_are_checked_on_the_calib_data(capsys, tmp_path):

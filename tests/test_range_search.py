@@ -110,20 +110,23 @@ def test_search_cost_is_bounded_and_one_session_serves_every_trial(monkeypatch):
     model = planted_model()
     opened, runs = [], []
 
-    def counting(*args, **kwargs):
-        session = range_search_open(*args, **kwargs)
-        opened.append(session)
-        original, index = session.run, len(opened)
+    def counting(opener):
+        def open_counted(*args, **kwargs):
+            session = opener(*args, **kwargs)
+            opened.append(session)
+            original, index = session.run, len(opened)
 
-        def run_counted(names, feeds, *rest):
-            runs.append(index)
-            return original(names, feeds, *rest)
+            def run_counted(names, feeds, *rest):
+                runs.append(index)
+                return original(names, feeds, *rest)
 
-        session.run = run_counted
-        return session
+            session.run = run_counted
+            return session
 
-    range_search_open = range_search.open_session
-    monkeypatch.setattr(range_search, "open_session", counting)
+        return open_counted
+
+    for opener in ("open_session", "reference_session"):
+        monkeypatch.setattr(range_search, opener, counting(getattr(range_search, opener)))
     result = quantized_with(model, AUTO)
     found = result.report["range_search"]
     assert len(opened) == 2  # the quantized evaluation copy and the FP32 reference, once each

@@ -15,6 +15,7 @@ from helpers import checked_model, float_value, run
 from onnx import TensorProto, helper, numpy_helper
 
 from trtq.graph import invariants
+from trtq.graph import smooth as smooth_module
 from trtq.graph.coverage import quantized_compute_nodes
 from trtq.graph.smooth import channel_maxima, find_sites, first_batches, outlier_ratio, smooth
 from trtq.quantizer import CalibrationOptions, quantize
@@ -936,3 +937,36 @@ def test_smoothed_q_dq_models_keep_trtqs_invariants(
     errors = [f for f in invariants.check(result.model) if f.severity == invariants.ERROR]
     assert errors == []
     assert "conv2" in quantized_compute_nodes(result.model)
+
+
+@pytest.mark.parametrize("rank_known", [True, False])
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((3, 5, 4, 4), 1), ((3, 5, 7), 1), ((3, 5), 1), ((2, 6, 5), -1), ((4, 5), -1)],
+)
+def test_channel_maxima_match_numpy(opset: int, shape: tuple, axis: int, rank_known) -> None:
+    """The in-graph reduction (axes: an attribute before opset 18, an input from 18; max and
+    -min over the other axes where the rank is known, else |x| flattened) gives numpy's max
+    |x| per channel over every batch."""
+    act = (
+        float_value("act", *shape)
+        if rank_known
+        else helper.make_tensor_value_info("act", TensorProto.FLOAT, None)
+    )
+    negate = helper.make_node("Neg", ["x"], ["act"], name="neg")
+    graph = helper.make_graph([negate], "g", [float_value("x", *shape)], [act])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.normal(0, 1, shape).astype(np.float32) * 4} for _ in range(3)]
+    found = channel_maxima(model, {"act": axis}, batches)["act"]
+    values = np.abs(np.concatenate([b["x"] for b in batches]))
+    channel = axis % len(shape)
+    expected = values.max(axis=tuple(i for i in range(len(shape)) if i != channel))
+    np.testing.assert_array_equal(found, expected.astype(np.float64))
+
+
+def test_statistics_samples_stay_within_the_budget_and_the_bounds() -> None:
+    assert smooth_module.samples_for(1) == smooth_module.DEFAULT_SAMPLES
+    assert smooth_module.samples_for(smooth_module.STATS_MACS // 5) == 5
+    assert smooth_module.samples_for(smooth_module.STATS_MACS * 10) == smooth_module.MIN_SAMPLES

@@ -60,7 +60,7 @@ from trtq.report.compare import (
     evaluate_gates,
     resolve_labels,
 )
-from trtq.report.verify import DEFAULT_SAMPLES, FidelityOptions
+from trtq.report.verify import FidelityOptions
 from trtq.runtime import load
 from trtq.trt.pipeline import BuildOutcome, build
 from trtq.tune.holdout import DEFAULT_EVAL_SAMPLES
@@ -120,7 +120,7 @@ def quantize(
     progress: bool = False,
     min_cosine: float | None = None,
     max_rel_l2: float | None = None,
-    verify_samples: int = DEFAULT_SAMPLES,
+    verify_samples: int | None = None,
     target_cosine: float | None = None,
     target_rel_l2: float | None = None,
     target_drop: float | None = None,
@@ -145,8 +145,10 @@ def quantize(
     mixed-precision options are those of ``trtq quantize --help``.
 
     The result is compared with the FP32 model on the first ``verify_samples`` samples
-    of ``calib`` (cosine, relative L2, max abs error per output, in
-    ``result.report["verification"]``); below the default floor a warning is logged.
+    of ``calib`` (default: up to 64, fewer where they would cost more than
+    :data:`trtq.report.verify.CHECK_MACS` multiply-accumulates): cosine, relative L2, max
+    abs error per output, in ``result.report["verification"]``; below the default floor a
+    warning is logged.
     ``min_cosine`` / ``max_rel_l2`` make it a gate: when one breaks, the model is still
     written to ``output`` (to inspect it) and :class:`~trtq.errors.GateFailedError` is
     raised, carrying the result. Bad arguments raise :class:`~trtq.errors.UserError`.
@@ -181,7 +183,8 @@ def quantize(
     if not 0 < percentile <= 100:
         raise UserError(f"percentile must be in (0, 100], got {percentile}", "e.g. 99.99")
     check_thresholds(min_cosine, max_rel_l2)
-    check_count("verify_samples", verify_samples)
+    if verify_samples is not None:
+        check_count("verify_samples", verify_samples)
     backend = collector_for(ray)  # a bad address fails before any work; contacted if needed
     loaded, model_path = load_model_arg(model, "model")
     budget = fallback_budget(

@@ -159,9 +159,11 @@ def save_model(
     """
     import onnx
 
-    limit = onnx.checker.MAXIMUM_PROTOBUF if external_data_over is None else external_data_over
-    if model.ByteSize() < limit:
-        write_bytes(target, model.SerializeToString())
+    from trtq.proto import serialized
+
+    data = serialized(model)
+    if data is not None and (external_data_over is None or len(data) < external_data_over):
+        write_bytes(target, data)
         return
     where = writable_target(target, stream_ok=False).path
     key = _key(where)

@@ -154,8 +154,9 @@ def quantize(
     activations beyond FP16's comfort stay FP32. ``frozen`` inputs become
     constants (see :func:`trtq.graph.normalize.freeze_inputs`).
 
-    The result is checked against the FP32 model on the first ``fidelity.samples``
-    samples of ``batches`` (kept as calibration reads them); its gates are recorded in
+    The result is checked against the FP32 model on the first samples of ``batches``, kept
+    as calibration reads them (``fidelity.samples``, or as many as
+    :data:`trtq.report.verify.CHECK_MACS` allows); its gates are recorded in
     ``result.verification``, and the caller decides what a failed one means.
 
     With a ``budget`` (:class:`trtq.tune.fallback.Budget`), nodes move to the high
@@ -184,7 +185,7 @@ def quantize(
                 "use --precision int8 or fp8",
             )
         batches, evaluation = budget.split(batches, model)
-    keep = fidelity.samples if evaluation is None else None
+    check = fidelity if evaluation is None else None
     prepared = prepare(
         model,
         batches,
@@ -194,7 +195,7 @@ def quantize(
         stats=stats,
         cache=cache,
         frozen=frozen,
-        keep=keep,
+        check=check,
     )
     model, plan, ranges, stats = prepared.model, prepared.plan, prepared.ranges, prepared.stats
     node_macs = prepared.node_macs
@@ -217,7 +218,10 @@ def quantize(
     )
     check_model(result, full=True)
     invariants.verify_written(result, {d.name for d in plan.decisions if d.quantized})
-    checked = evaluation.keeper(model) if evaluation is not None else prepared.kept
+    checked = prepared.kept
+    if evaluation is not None:  # checked on every sample the target was met on
+        checked = evaluation.keeper(model)
+        fidelity = replace(fidelity, samples=checked.limit)
     verification = verify(model, result, checked, sum(node_macs.values()), fidelity)
     report = build_report(
         plan, ranges, placement, calibration, stats, coverage.measure(result, node_macs)
@@ -252,12 +256,12 @@ def prepare(
     stats: CalibrationStats | None = None,
     cache: TrtCache | None = None,
     frozen: Mapping[str, np.ndarray] | None = None,
-    keep: int | None = None,
+    check: FidelityOptions | None = None,
 ) -> Prepared:
     """Stages 1-3 of :func:`quantize`: the planning graph, the plan, the ranges.
 
-    ``trtq sensitivity`` starts from here too. The first ``keep`` samples of ``batches``
-    are kept as calibration reads them, for the check after writing.
+    ``trtq sensitivity`` starts from here too. The samples of ``batches`` the ``check``
+    after writing runs on are kept as calibration reads them.
     """
     _refuse_quantized(model)
     check_model(model)
@@ -273,12 +277,22 @@ def prepare(
     equalization = None
     if calibration.equalize and placement is not None:
         model, equalization = _equalized(model, fresh_stats)
+    example, batches = peek(batches) if batches is not None else (None, None)
+    shapes = Shapes(model, example, per_sample=True, observed=_observed(model, example))
+    node_macs = {node.name: macs(node, shapes) for node in all_nodes(model.graph)}
     smoothing = None
     if placement is not None and batches is not None and calibration.smooth_quant is not False:
-        model, batches, smoothing = _smoothed(model, batches, calibration, fresh_stats)
+        samples = smooth.samples_for(sum(node_macs.values()))
+        model, batches, smoothing = _smoothed(model, batches, calibration, fresh_stats, samples)
+        # It scales weights and adds Muls (no MACs), and changes no shape: the MACs stand.
+        node_macs = {node.name: node_macs.get(node.name, 0) for node in all_nodes(model.graph)}
     if mixed is not None and mixed.precision == "bf16":
-        model = _upgrade_for_bf16(model)
-    kept = SampleKeeper(batches, keep, model) if batches is not None and keep else None
+        model = _upgrade_for_bf16(model)  # may rewrite nodes: their MACs are counted again
+        shapes = Shapes(model, example, per_sample=True, observed=_observed(model, example))
+        node_macs = {node.name: macs(node, shapes) for node in all_nodes(model.graph)}
+    kept = None
+    if batches is not None and check is not None:
+        kept = SampleKeeper(batches, check.samples_for(sum(node_macs.values())), model)
     if kept is not None:
         batches = kept.stream()
     sampled = None
@@ -289,15 +303,12 @@ def prepare(
     if calibration.bias_correction and placement is not None and batches is not None:
         bias_samples = SampleKeeper(batches, bias_correction.DEFAULT_SAMPLES, model)
         batches = bias_samples.stream()
-    example, batches = peek(batches) if batches is not None else (None, None)
-    shapes = Shapes(model, example, per_sample=True, observed=_observed(model, example))
-    node_macs = {node.name: macs(node, shapes) for node in all_nodes(model.graph)}
     graph = gs.import_onnx(model)
     plan = qdq.plan(graph, node_macs, placement) if placement else qdq.QuantPlan([])
     observed = plan.activations()
     if mixed is not None and batches is not None and stats is None and cache is None:
         observed = list(dict.fromkeys([*observed, *float_activations(model)]))
-    ranges, stats = _ranges(model, observed, batches, calibration, stats, cache)
+    ranges, stats = _ranges(model, observed, batches, calibration, stats, cache, fingerprint)
     if fresh_stats and stats is not None:  # written by --stats: say what they were made for
         stats.model_sha256 = fingerprint or stats.model_sha256
         stats.scope = CalibrationScope(
@@ -391,10 +402,14 @@ def _equalized(model: onnx.ModelProto, fresh: bool) -> tuple[onnx.ModelProto, di
 
 
 def _smoothed(
-    model: onnx.ModelProto, batches: Iterable[Batch], calibration: CalibrationOptions, fresh: bool
+    model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    calibration: CalibrationOptions,
+    fresh: bool,
+    samples: int,
 ) -> tuple[onnx.ModelProto, Iterable[Batch], dict | None]:
-    """SmoothQuant (:mod:`trtq.graph.smooth`) on per-channel maxima of the first samples,
-    before calibration observes; returns the batches to calibrate on (the same ones)."""
+    """SmoothQuant (:mod:`trtq.graph.smooth`) on per-channel maxima of the first ``samples``
+    samples, before calibration observes; returns the batches to calibrate on (the same)."""
     explicit = calibration.smooth_quant is True
     if not fresh:
         if explicit:
@@ -409,7 +424,7 @@ def _smoothed(
         sites = smooth.automatic_sites(sites)
     if not sites:
         return model, batches, None
-    taken, batches = smooth.first_batches(batches, smooth.DEFAULT_SAMPLES, model)
+    taken, batches = smooth.first_batches(batches, samples, model)
     tensors = {site.tensor: site.axis for site in sites}
     maxima = smooth.channel_maxima(model, tensors, taken, calibration.providers)
     model, record = smooth.smooth(model, maxima, calibration.smooth_alpha, automatic=not explicit)
@@ -490,8 +505,10 @@ def _ranges(
     options: CalibrationOptions,
     stats: CalibrationStats | None,
     cache: TrtCache | None,
+    fingerprint: str | None = None,
 ) -> tuple[dict[str, TensorRange], CalibrationStats | None]:
-    """Ranges for ``tensors``: from a TensorRT cache, a stats file, or a fresh calibration."""
+    """Ranges for ``tensors``: from a TensorRT cache, a stats file, or a fresh calibration
+    (whose statistics record ``fingerprint``, the model as given, not the planning graph)."""
     if not tensors:
         return {}, stats
     if cache is not None:
@@ -515,6 +532,7 @@ def _ranges(
             providers=options.providers,
             progress=options.progress,
             collector=options.collector,
+            fingerprint=fingerprint,
         )
     else:
         _require_all([t for t in tensors if t not in stats.histograms], "the stats file", "--stats")

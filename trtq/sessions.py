@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from trtq.errors import DataError, ModelError, UserError
+from trtq.proto import serialized
 
 
 def resolve_providers(requested: Sequence[str] | None) -> list[str]:
@@ -92,12 +93,26 @@ def open_session(
     if not isinstance(model, onnx.ModelProto):
         return Session(str(model), options, chosen, name=name or str(model))
     name = name or model_name(model)
-    if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-        return Session(model.SerializeToString(), options, chosen, name=name, model=model)
+    data = serialized(model)
+    if data is not None:
+        return Session(data, options, chosen, name=name, model=model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "model.onnx")
         onnx.save(model, path, save_as_external_data=True, location="model.data")
         return Session(str(path), options, chosen, name=name, model=model)
+
+
+def reference_session(
+    model: onnx.ModelProto, providers: Sequence[str] | None = None, *, name: str | None = None
+) -> Session:
+    """A session on an FP32 reference model, run only to be compared against.
+
+    There is nothing to simulate in it, so it gets every graph optimisation: the same
+    function up to float rounding (about 1e-7 relative), two to three times faster than
+    the basic level on convolutional models, where the check after writing runs it on
+    every checked sample.
+    """
+    return open_session(model, providers, fake_quant=False, name=name)
 
 
 _FLOAT8 = frozenset(

@@ -64,7 +64,7 @@ from trtq.calib.ranges import (
 from trtq.errors import UserError
 from trtq.graph import qdq
 from trtq.graph.edit import numpy_dtype, representable_scale
-from trtq.sessions import open_session
+from trtq.sessions import open_session, reference_session
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class OutputError:
         self._scales = _expose_scales(quantized, plan.activations())
         self._session = open_session(quantized, providers, name="the range search's model")
         names = [o.name for o in model.graph.output]
-        reference = open_session(model, providers)
+        reference = reference_session(model, providers)
         self._reference = [
             dict(zip(names, reference.run(names, b), strict=True)) for b in self._batches
         ]

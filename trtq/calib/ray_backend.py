@@ -46,6 +46,7 @@ from typing import Any
 import onnx
 from tqdm import tqdm
 
+from trtq import proto
 from trtq.calib.collect import Batch, Collection, Collector, Shard, peek, plan_groups
 from trtq.calib.data import BatchSource, DataRequest
 from trtq.calib.data.feeds import samples_in
@@ -140,13 +141,13 @@ class RayCalibration:
                 "but the data can be read only once",
                 "pass a file or folder (or a loader whose load_data() can be called again)",
             )
-        if model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        serialized = proto.serialized(model)
+        if serialized is None:
             raise UserError(
                 "--ray ships the model to the workers in one piece, and this one is over 2 GB",
                 "calibrate without --ray, or run --shard K/N on each machine and --merge",
             )
         ray = self._cluster.ray
-        serialized = model.SerializeToString()
         key = hashlib.sha256(serialized).hexdigest()[:16]
         given_inputs = tuple(t for t in tensors if t in input_names)
         passes = [

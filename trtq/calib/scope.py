@@ -33,6 +33,7 @@ from trtq.errors import DataError, UserError
 from trtq.graph import qdq
 from trtq.graph.normalize import infer_shapes, normalize, upgrade_opset
 from trtq.graph.patterns import float_activations
+from trtq.proto import serialized
 
 if TYPE_CHECKING:
     from trtq.calib.cache import CalibrationStats, TrtCache
@@ -72,10 +73,12 @@ def _hash_fields(digest: Any, message: Any) -> None:
         for item in value if _repeated(descriptor) else [value]:
             if descriptor.message_type is None:
                 digest.update(repr(item).encode())
-            elif item.ByteSize() < _SERIALIZE_LIMIT:
-                digest.update(item.SerializeToString(deterministic=True))
             else:
-                _hash_fields(digest, item)
+                data = serialized(item, limit=_SERIALIZE_LIMIT, deterministic=True)
+                if data is None:
+                    _hash_fields(digest, item)
+                else:
+                    digest.update(data)
 
 
 def _repeated(descriptor: Any) -> bool:

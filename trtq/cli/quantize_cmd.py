@@ -37,7 +37,13 @@ from trtq.quantizer import (
     QuantizeResult,
 )
 from trtq.report import html
-from trtq.report.verify import DEFAULT_SAMPLES, FLOOR_MAX_REL_L2, FLOOR_MIN_COSINE
+from trtq.report.verify import (
+    CHECK_MACS,
+    DEFAULT_SAMPLES,
+    FLOOR_MAX_REL_L2,
+    FLOOR_MIN_COSINE,
+    MIN_CHECK_SAMPLES,
+)
 from trtq.tune.fallback import Search, format_steps
 
 log = logging.getLogger(__name__)
@@ -197,10 +203,11 @@ def add_parser(subparsers, parents) -> None:
     check.add_argument(
         "--verify-samples",
         type=flagtypes.count,
-        default=DEFAULT_SAMPLES,
+        default=None,
         metavar="N",
-        help="samples of the --calib data the check runs on (with a --target-*: the "
-        "evaluation samples instead)",
+        help=f"samples of the --calib data the check runs on (unset: {DEFAULT_SAMPLES}, "
+        f"fewer for heavy models: at most {CHECK_MACS:,} multiply-accumulates, at least "
+        f"{MIN_CHECK_SAMPLES} samples; with a --target-*: every evaluation sample instead)",
     )
     target = parser.add_argument_group(
         "fidelity target (nodes move to --high-precision until it holds)"

@@ -16,6 +16,7 @@ from onnx import helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
 from trtq.errors import ModelError
+from trtq.proto import serialized
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,13 @@ def check_model(model: onnx.ModelProto, *, full: bool = False) -> None:
     input (IR 3 required it), and one that is listed is a constant with a default, not
     data to feed (:func:`model_inputs` leaves it out).
     """
-    if model.ByteSize() > onnx.checker.MAXIMUM_PROTOBUF:
+    model = with_ir_version(model, OLD_IR_RULES_UNTIL + 1)
+    data = serialized(model)
+    if data is None:
         log.debug("model over 2 GB: skipping onnx.checker on the in-memory proto")
         return
-    model = with_ir_version(model, OLD_IR_RULES_UNTIL + 1)
     try:
-        onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(data, full_check=full)
     except onnx.checker.ValidationError as exc:
         # Exporters often leave graph outputs without a shape, which the checker requires
         # and ONNX Runtime does not: accept the model if shape inference supplies them.

@@ -25,6 +25,7 @@ from trtq.errors import ModelError
 from trtq.graph.edit import NameAllocator, gs_graphs, stamp_producer
 from trtq.graph.load import OLD_IR_RULES_UNTIL, with_ir_version
 from trtq.graph.surgery import replace_uses
+from trtq.proto import serialized
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,9 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Run ONNX shape inference; models over protobuf's 2 GB limit go through a file."""
     try:
-        if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        data = serialized(model)
+        if data is not None:
+            return onnx.shape_inference.infer_shapes(data, data_prop=True)
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
             onnx.save(model, src, save_as_external_data=True, location="in.data")

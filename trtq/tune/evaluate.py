@@ -44,7 +44,7 @@ from trtq.graph import fp16, qdq
 from trtq.quantizer import Prepared, fp16_limits, lower
 from trtq.report.compare import AccuracyResult, ComparisonReport
 from trtq.report.metrics import LabelAccuracy, OutputAgreement, json_number, top1
-from trtq.sessions import open_session
+from trtq.sessions import open_session, reference_session
 
 if TYPE_CHECKING:
     from trtq.tune.holdout import Evaluation
@@ -101,7 +101,7 @@ def make_job(
     batches = tuple({k: v for k, v in b.items() if k in wanted} for b in evaluation.batches())
     if not batches:
         raise UserError("the evaluation data yielded no batches", "check --eval DATA")
-    session = open_session(model, providers)
+    session = reference_session(model, providers)
     names = _float_outputs(model)
     reference = tuple(
         dict(zip(names, session.run(names, dict(batch)), strict=True)) for batch in batches
