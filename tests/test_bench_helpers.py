@@ -148,3 +148,33 @@ def test_sentence_similarity_ignores_scale_but_not_direction():
     assert same["spearman"] == pytest.approx(1.0) and same["pairs"] == 66
     noisy = embeddings + rng.normal(scale=2.0, size=embeddings.shape)
     assert task_metrics.sentence_similarity([embeddings], [noisy])["spearman"] < 0.9
+
+
+# ------------------------------------------------- bench/quantize_cost.py, accuracy_budget.py
+
+
+def test_line_fit_recovers_a_line_and_refuses_one_point():
+    import quantize_cost
+
+    fit = quantize_cost.line_fit([(1, 3.0), (2, 5.0), (4, 9.0)])
+    assert fit["slope"] == pytest.approx(2.0)
+    assert fit["intercept"] == pytest.approx(1.0)
+    assert fit["r2"] == pytest.approx(1.0)
+    assert quantize_cost.line_fit([(2, 1.0), (2, 3.0)]) is None
+
+
+def test_spread_keeps_the_ends_and_spaces_the_rest():
+    import quantize_cost
+
+    names = [f"n{i}" for i in range(10)]
+    assert quantize_cost.spread(names, 3) == ["n0", "n4", "n9"]  # round(4.5) == 4
+    assert quantize_cost.spread(names, 1) == ["n0"]
+    assert quantize_cost.spread(names, 20) == names
+
+
+def test_sets_that_share_a_sample_are_refused():
+    import accuracy_budget
+
+    accuracy_budget.refuse_shared({"calibration": {b"a"}, "eval": {b"b"}, "test": {b"c"}})
+    with pytest.raises(SystemExit, match="the test set shares a sample"):
+        accuracy_budget.refuse_shared({"calibration": {b"a"}, "eval": {b"b"}, "test": {b"a"}})
