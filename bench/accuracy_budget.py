@@ -336,6 +336,10 @@ def run_trtq(work: Workload, target: float | None, args, out: Path) -> Result:
         found = data.get("fallback")
         if found is not None:
             result.evaluations = str(found["evaluations"])
+            if found.get("ranking_evaluations"):  # the sensitivity pass, on fewer samples
+                result.evaluations += (
+                    f" + {found['ranking_evaluations']} on {found['ranking_samples']}"
+                )
             result.moved = len(found["moved"])
         outputs = data["verification"]["outputs"].values()
         result.tool_figure = min(o["cosine_mean"] for o in outputs)
@@ -790,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
         "worst output) >= target; deployable: no error finding of trtq.graph.invariants.check "
         "(bench/fidelity.py); test task: the headline of bench/task_metrics.py's metric vs FP32 "
         "on the test set. evaluations: trtq's report (fallback.evaluations, runs of the "
-        "evaluation set); NNCF: validation_fn calls on quantized candidates and the samples "
+        "evaluation set, + fallback.ranking_evaluations on fallback.ranking_samples samples: "
+        "the sensitivity pass); NNCF: validation_fn calls on quantized candidates and the samples "
         "they ran, in evaluation sets."
     )
     print(

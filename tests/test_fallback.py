@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 from conftest import CALIB_DATA
@@ -20,6 +21,7 @@ from helpers import planted_batches, planted_outlier_model
 import trtq
 from trtq.errors import UserError
 from trtq.graph.coverage import quantized_compute_nodes
+from trtq.tune import evaluate, fallback
 from trtq.tune.fallback import TargetUnreachableError
 
 MNIST = CALIB_DATA / "mnist_cnn.onnx"
@@ -88,17 +90,45 @@ def test_a_target_the_full_plan_meets_costs_one_evaluation():
 def test_a_strict_target_moves_nodes_then_brings_back_what_it_can(strict_mnist):
     found = strict_mnist.report["fallback"]
     steps = found["steps"]
-    moved = [s["node"] for s in steps if s["action"] == "fall back"]
+    order = [h["node"] for h in found["harm"]]
+    falls = [s for s in steps if s["action"] == "fall back"]
     restored = [s for s in steps if s["action"] == "restore"]
-    assert 1 <= len(moved) < 4 and steps[len(moved) + 1]["met"]
-    assert not any(s["met"] for s in steps[: len(moved) + 1] if s["action"] != "all high precision")
-    # Every node moved is tried back, least harmful first (reverse order of moving).
-    assert [s["node"] for s in restored] == moved[::-1]
+    # Each fall-back step puts a prefix of the order in FP32: its last node is the step's.
+    for s in falls:
+        assert s["node"] == order[s["in_high_precision"] - 1] and s["precision"] == "fp32"
+    # Galloping then bisection: the prefix kept is the shortest that met, one longer than
+    # the longest that missed (or the first).
+    held = min(s["in_high_precision"] for s in falls if s["met"])
+    missed = [s["in_high_precision"] for s in falls if not s["met"]]
+    assert held == 1 or held - 1 in missed
+    assert falls[0]["in_high_precision"] == 1
+    # Every node moved is tried back, least harmful first.
+    assert [s["node"] for s in restored] == order[:held][::-1]
     kept_back = {s["node"] for s in restored if s["kept"]}
-    assert set(found["moved"]) == set(moved) - kept_back
+    assert set(found["moved"]) == set(order[:held]) - kept_back
     assert strict_mnist.verification.outputs["logits"].cosine_mean >= 0.99995
     # Bounded cost: full plan, all high precision, 4 alone, one per step (some cached).
-    assert found["evaluations"] <= 2 + 4 + len(moved) + len(restored)
+    assert found["evaluations"] <= 2 + 4 + len(falls) + len(restored)
+
+
+def test_falling_back_gallops_then_bisects(monkeypatch):
+    """On an order of 100 nodes where the target holds from the 37th on, the fall-back
+    tries 1, 2, 4, ..., 64 nodes, then bisects 32..64: 12 evaluations, not 37."""
+    order = [f"n{i}" for i in range(100)]
+    tried = []
+
+    class Scores:
+        def one(self, configuration):
+            tried.append(len(configuration))
+            return len(configuration)
+
+    def record(action, node, configuration, score):
+        assert action == "fall back" and node == order[len(configuration) - 1]
+        return score >= 37
+
+    floats = fallback._fall_back(Scores(), order, record)
+    assert floats == frozenset(order[:37])
+    assert tried == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
 
 
 def test_two_workers_take_the_same_steps(strict_mnist):
@@ -218,3 +248,66 @@ def test_writing_a_cache_leaves_nothing_to_hold_out(tmp_path):
     assert result.returncode == 2
     assert "none could be held out" in result.stderr and "--eval DATA" in result.stderr
     assert not cache.exists()
+
+
+def test_single_nodes_are_ranked_on_the_batches_the_full_plan_errs_most_on(monkeypatch):
+    """With a ranking budget of 16 samples, the sensitivity pass runs on the one batch of 16
+    that carries the most error (the all-zero batches carry none: FP32 and INT8 agree
+    there), and every step that decides the target runs all 64 samples."""
+    monkeypatch.setattr(evaluate, "RANKING_MACS", 1)
+    monkeypatch.setattr(evaluate, "MIN_RANKING_SAMPLES", 16)
+    chosen = []
+
+    def recording(job, shares):
+        ranked = evaluate.with_ranking(job, shares)
+        chosen.append((list(shares), ranked.ranking))
+        return ranked
+
+    monkeypatch.setattr(fallback, "with_ranking", recording)
+    x = np.random.default_rng(3).normal(size=(16, 16, 8, 8)).astype(np.float32)
+    eval_batches = [{"x": np.zeros_like(x)}, {"x": x}, {"x": np.zeros_like(x)}, {"x": 2 * x}]
+    result = trtq.quantize(
+        planted_outlier_model(), planted_batches(), target_cosine=0.99, eval_data=eval_batches
+    )
+    found = result.report["fallback"]
+    assert found["moved"] == ["conv_c"] and found["harm"][0]["node"] == "conv_c"
+    assert found["ranking_evaluations"] == 3 and found["ranking_samples"] == 16
+    assert {s["samples"] for s in found["steps"]} == {64}
+    ((shares, ranking),) = chosen
+    assert shares[0] == shares[2] == 0.0 and min(shares[1], shares[3]) > 0
+    assert ranking in ((1,), (3,)) and shares[ranking[0]] == max(shares)
+
+
+def _job(sizes: tuple[int, ...], macs_per_sample: int) -> evaluate.Job:
+    """A job with only what choosing the ranking batches reads."""
+    return evaluate.Job(
+        model=b"",
+        plan=None,
+        ranges={},
+        precision="int8",
+        mixed=None,
+        fp16_amax={},
+        example=None,
+        batches=tuple({} for _ in sizes),
+        reference=(),
+        sizes=sizes,
+        macs_per_sample=macs_per_sample,
+    )
+
+
+def test_the_ranking_batches_fit_the_budget_and_keep_data_order(monkeypatch):
+    monkeypatch.setattr(evaluate, "RANKING_MACS", 1000)
+    monkeypatch.setattr(evaluate, "MIN_RANKING_SAMPLES", 4)
+    shares = [0.1, 0.5, 0.0, 0.3, 0.2]
+    # 1000 MACs afford 10 samples of 100: the two largest batches of 4 and the next one.
+    assert evaluate.with_ranking(_job((4,) * 5, 100), shares).ranking == (1, 3, 4)
+    # Ties go to the earlier batch.
+    assert evaluate.with_ranking(_job((4,) * 5, 100), [0.2] * 5).ranking == (0, 1, 2)
+    # Never fewer than MIN_RANKING_SAMPLES, whatever a sample costs.
+    assert evaluate.with_ranking(_job((4,) * 5, 10**9), shares).ranking == (1,)
+    # Whole feeds (size 0) are one sample each.
+    assert evaluate.with_ranking(_job((0,) * 20, 100), [i / 20 for i in range(20)]).ranking == (
+        tuple(range(10, 20))
+    )
+    # All of them needed: no ranking part, a ranking run is a whole run.
+    assert evaluate.with_ranking(_job((4,) * 2, 100), [0.5, 0.5]).ranking is None

@@ -116,7 +116,7 @@ class _Counting:
         self.sent: list[frozenset[str]] = []
         self._score = score
 
-    def map(self, configurations):
+    def map(self, configurations, ranking=False):
         self.sent += configurations
         return iter([self._score] * len(configurations))
 

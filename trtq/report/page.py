@@ -347,6 +347,7 @@ def _fallback(found: Mapping[str, Any] | None) -> dict | None:
                 step.get("op"),
                 step.get("macs"),
                 step.get("precision"),
+                step.get("in_high_precision"),
                 _percent(step.get("coverage")),
                 *_worst(step),
                 outcome,
@@ -359,6 +360,10 @@ def _fallback(found: Mapping[str, Any] | None) -> dict | None:
             f"moved to {str(found.get('high_precision')).upper()}": f"{len(moved)} node(s)",
             "evaluations": f"{found.get('evaluations')} in {found.get('seconds')} s "
             f"({found.get('workers')} worker(s))",
+            "ranking": f"{found.get('ranking_evaluations')} of single nodes on "
+            f"{found.get('ranking_samples')} samples"
+            if found.get("ranking_evaluations")
+            else None,
         },
         "table": _table(
             [
@@ -368,6 +373,7 @@ def _fallback(found: Mapping[str, Any] | None) -> dict | None:
                 "op",
                 "MACs",
                 "precision",
+                "nodes in high precision",
                 "coverage",
                 "cosine",
                 "rel L2",

@@ -20,6 +20,16 @@ The parts, so that another backend fits in (a Ray cluster, issue 14):
   from the job, a task per configuration);
 * :class:`Evaluations` - the cache in front of an executor: a configuration is scored
   once, whatever asks for it how often.
+
+Ranking runs (``ranking=True``) score a configuration on a part of the evaluation
+batches only (:attr:`Job.ranking`, within :data:`RANKING_MACS`): the fallback's
+sensitivity pass, one evaluation per quantized node, only orders the nodes, and an
+order needs fewer samples than a verdict. The part is the batches that carry the most
+of the full plan's error (:func:`with_ranking`): quantization noise is concentrated on
+a few hard samples (on natural photos, a quarter of the samples carry most of a
+MobileNet's 1 - cosine), and the target's mean is decided there, so nodes are ranked by
+the harm they do where it counts. Every figure that decides whether a target holds
+comes from the whole evaluation set.
 """
 
 from __future__ import annotations
@@ -37,13 +47,21 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from trtq.calib.collect import Batch, batch_size
+from trtq.calib.collect import Batch
+from trtq.calib.data.feeds import is_whole_feed, samples_in
 from trtq.calib.ranges import TensorRange
 from trtq.errors import UserError
 from trtq.graph import fp16, qdq
+from trtq.graph.load import model_inputs
 from trtq.quantizer import Prepared, fp16_limits, lower
 from trtq.report.compare import AccuracyResult, ComparisonReport
-from trtq.report.metrics import LabelAccuracy, OutputAgreement, json_number, top1
+from trtq.report.metrics import (
+    LabelAccuracy,
+    OutputAgreement,
+    json_number,
+    per_sample_cosine,
+    top1,
+)
 from trtq.sessions import open_session, reference_session
 
 if TYPE_CHECKING:
@@ -53,6 +71,11 @@ if TYPE_CHECKING:
 Configuration = frozenset[str]
 #: The reason written on a node the fallback moved out of INT8/FP8.
 FALLBACK_REASON = "sensitivity fallback"
+#: Ranking runs take as many evaluation samples as cost no more multiply-accumulates than
+#: this (16 samples of a MobileNet at 224x224, 3 of MiniLM at 64 tokens)...
+RANKING_MACS = 2_500_000_000
+#: ...but never fewer than this many (nor more than the evaluation set holds).
+MIN_RANKING_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -73,11 +96,23 @@ class Job:
     reference_accuracy: float | None = None
     providers: tuple[str, ...] | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads per session
+    #: Samples per evaluation batch; 0 marks a whole feed (one model call, one sample, no
+    #: batch axis in its outputs: see trtq.calib.data.feeds).
+    sizes: tuple[int, ...] = ()
+    macs_per_sample: int = 0  # of the FP32 model, for the ranking runs' budget
+    #: Indices of the batches a ranking run scores (None: all of them; see with_ranking).
+    ranking: tuple[int, ...] | None = None
 
     @property
     def quantized(self) -> list[str]:
         """The nodes a configuration may leave in high precision, in graph order."""
         return [d.name for d in self.plan.decisions if d.quantized]
+
+    def batch_indices(self, ranking: bool) -> range | tuple[int, ...]:
+        """The batches a run scores: all, or the ranking part for a ranking run."""
+        if ranking and self.ranking is not None:
+            return self.ranking
+        return range(len(self.batches))
 
 
 def make_job(
@@ -106,6 +141,10 @@ def make_job(
     reference = tuple(
         dict(zip(names, session.run(names, dict(batch)), strict=True)) for batch in batches
     )
+    declared = model_inputs(model)
+    sizes = tuple(
+        0 if is_whole_feed(batch, declared) else samples_in(batch, declared) for batch in batches
+    )
     labels, label_output, accuracy = evaluation.labels, None, None
     if labels is not None:
         label_output = evaluation.label_output or names[0]
@@ -130,7 +169,28 @@ def make_job(
         label_output=label_output,
         reference_accuracy=accuracy,
         providers=tuple(providers) if providers else None,
+        sizes=sizes,
+        macs_per_sample=sum(prepared.node_macs.values()),
     )
+
+
+def with_ranking(job: Job, shares: Sequence[float]) -> Job:
+    """``job`` whose ranking runs score the batches with the largest ``shares`` (of the full
+    plan's error, :meth:`Evaluator.shares`) that make up the samples :data:`RANKING_MACS`
+    affords (at least :data:`MIN_RANKING_SAMPLES`), in data order; all batches if they
+    are all needed."""
+    sizes = [max(size, 1) for size in job.sizes]
+    wanted = max(MIN_RANKING_SAMPLES, RANKING_MACS // max(job.macs_per_sample, 1))
+    if wanted >= sum(sizes):
+        return dataclasses.replace(job, ranking=None)
+    chosen: list[int] = []
+    for index in sorted(range(len(sizes)), key=lambda i: (-shares[i], i)):
+        if sum(sizes[i] for i in chosen) >= wanted:
+            break
+        chosen.append(index)
+    if len(chosen) == len(sizes):
+        return dataclasses.replace(job, ranking=None)
+    return dataclasses.replace(job, ranking=tuple(sorted(chosen)))
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[str]:
@@ -183,28 +243,63 @@ class Evaluator:
         )
         return model
 
-    def __call__(self, configuration: Configuration) -> ComparisonReport:
+    def __call__(self, configuration: Configuration, ranking: bool = False) -> ComparisonReport:
+        """The configuration's figures on the evaluation batches (the ranking part of them
+        for a ranking run)."""
+        return self._run(configuration, self.job.batch_indices(ranking))[0]
+
+    def shares(self, configuration: Configuration) -> tuple[ComparisonReport, list[float]]:
+        """The configuration's figures on every batch, and each batch's share of its error:
+        per output, the batch's part of the summed 1 - cosine and of the summed squared
+        error, the largest over outputs and the two (what :func:`with_ranking` sorts by)."""
+        return self._run(configuration, range(len(self.job.batches)))
+
+    def _run(
+        self, configuration: Configuration, indices: Sequence[int]
+    ) -> tuple[ComparisonReport, list[float]]:
         job = self.job
         session = open_session(self.build(configuration), job.providers, threads=job.threads)
         names = list(job.reference[0])
         agreements = {name: OutputAgreement() for name in names}
         accuracy = LabelAccuracy()
-        seen = 0
-        for batch, expected in zip(job.batches, job.reference, strict=True):
-            got = dict(zip(names, session.run(names, dict(batch)), strict=True))
-            for name in names:
-                agreements[name].update(expected[name], got[name])
-            count = batch_size(batch, self._model)
-            if job.labels is not None and job.label_output is not None:
-                accuracy.update(got[job.label_output], job.labels[seen : seen + count])
-            seen += count
+        sizes = [max(size, 1) for size in job.sizes]
+        starts = np.cumsum([0, *sizes])
+        labelled = job.labels is not None and job.label_output is not None
+        errors = np.zeros((len(indices), len(names), 2))  # per batch, output: 1 - cos, squared
+        for row, index in enumerate(indices):
+            expected = job.reference[index]
+            got = dict(zip(names, session.run(names, dict(job.batches[index])), strict=True))
+            whole = job.sizes[index] == 0
+            for column, name in enumerate(names):
+                agreements[name].update(expected[name], got[name], one_sample=whole)
+                errors[row, column] = _error_energy(expected[name], got[name], whole)
+            first, end = int(starts[index]), int(starts[index + 1])
+            if labelled:
+                accuracy.update(got[job.label_output], job.labels[first:end])
         found = None
-        if job.labels is not None and job.label_output is not None:
+        seen = sum(sizes[i] for i in indices)
+        if labelled:
             found = AccuracyResult(
                 job.label_output, seen, job.reference_accuracy or 0.0, accuracy.accuracy
             )
         outputs = {name: agreement.result() for name, agreement in agreements.items()}
-        return ComparisonReport(seen, len(job.batches), outputs, found)
+        totals = errors.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            parts = np.where(totals > 0, errors / totals, 0.0)
+        shares = [float(np.nan_to_num(p, nan=1.0).max(initial=0.0)) for p in parts]
+        return ComparisonReport(seen, len(indices), outputs, found), shares
+
+
+def _error_energy(reference: np.ndarray, candidate: np.ndarray, whole: bool) -> tuple[float, float]:
+    """(summed 1 - cosine over the samples, summed squared error) of one output's batch."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if whole:
+        ref, cand = ref.reshape(1, -1), cand.reshape(1, -1)
+    cosine = per_sample_cosine(ref, cand)
+    with np.errstate(invalid="ignore", over="ignore"):
+        squared = float(np.sum((cand - ref) ** 2))
+    return float(np.sum(1.0 - cosine)), squared
 
 
 def worst(score: ComparisonReport) -> tuple[float, float]:
@@ -235,8 +330,10 @@ def score_json(score: ComparisonReport) -> dict:
 class Executor(Protocol):
     """Scores configurations somewhere: here, in worker processes, on a cluster."""
 
-    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
-        """The scores of ``configurations``, in their order."""
+    def map(
+        self, configurations: Sequence[Configuration], ranking: bool = False
+    ) -> Iterator[ComparisonReport]:
+        """The scores of ``configurations``, in their order (ranking runs if ``ranking``)."""
         ...
 
     def close(self) -> None: ...
@@ -248,8 +345,10 @@ class InProcess:
     def __init__(self, job: Job) -> None:
         self._evaluator = Evaluator(job)
 
-    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
-        return (self._evaluator(c) for c in configurations)
+    def map(
+        self, configurations: Sequence[Configuration], ranking: bool = False
+    ) -> Iterator[ComparisonReport]:
+        return (self._evaluator(c, ranking) for c in configurations)
 
     def close(self) -> None:
         pass
@@ -264,10 +363,10 @@ def _start_worker(job: Job) -> None:
     _WORKER = Evaluator(job)
 
 
-def _score_in_worker(configuration: Configuration) -> ComparisonReport:
+def _score_in_worker(configuration: Configuration, ranking: bool) -> ComparisonReport:
     if _WORKER is None:
         raise RuntimeError("worker process started without its job")
-    return _WORKER(configuration)
+    return _WORKER(configuration, ranking)
 
 
 class ProcessPool:
@@ -287,8 +386,10 @@ class ProcessPool:
             initargs=(dataclasses.replace(job, threads=threads),),
         )
 
-    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
-        return self._pool.map(_score_in_worker, configurations)
+    def map(
+        self, configurations: Sequence[Configuration], ranking: bool = False
+    ) -> Iterator[ComparisonReport]:
+        return self._pool.map(_score_in_worker, configurations, [ranking] * len(configurations))
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -308,17 +409,24 @@ def open_executor(job: Job, workers: int = 1, ray: str | bool | None = None) -> 
 
 
 class Evaluations:
-    """Scores by configuration, each computed once (the cache is keyed by the set of nodes).
+    """Scores by configuration, each computed once (the cache is keyed by the set of nodes,
+    and whether the run was a ranking run).
 
-    ``runs`` counts the configurations actually sent to the executor; asking again for
-    one already scored costs nothing. Use as a context manager to release the executor.
+    ``runs`` counts the configurations actually scored on the whole evaluation set,
+    ``ranking_runs`` those scored on its ranking part; asking again for one already scored
+    costs nothing. ``partial_ranking`` False (the job ranks on every batch): a ranking run is
+    a whole run. Use as a context manager to release the executor.
     """
 
-    def __init__(self, executor: Executor, *, progress: bool = False) -> None:
+    def __init__(
+        self, executor: Executor, *, progress: bool = False, partial_ranking: bool = False
+    ) -> None:
         self._executor = executor
         self._progress = progress
-        self._scores: dict[Configuration, ComparisonReport] = {}
+        self._partial = partial_ranking
+        self._scores: dict[tuple[Configuration, bool], ComparisonReport] = {}
         self.runs = 0
+        self.ranking_runs = 0
 
     def __enter__(self) -> Evaluations:
         return self
@@ -326,12 +434,15 @@ class Evaluations:
     def __exit__(self, *exc_info: object) -> None:
         self._executor.close()
 
-    def __call__(self, configurations: Sequence[Configuration]) -> list[ComparisonReport]:
+    def __call__(
+        self, configurations: Sequence[Configuration], ranking: bool = False
+    ) -> list[ComparisonReport]:
         """The scores of ``configurations``; those not seen before are run, in one batch."""
-        wanted = [frozenset(c) for c in configurations]
+        ranking = ranking and self._partial
+        wanted = [(frozenset(c), ranking) for c in configurations]
         missing = list(dict.fromkeys(c for c in wanted if c not in self._scores))
         if missing:
-            scores = self._executor.map(missing)
+            scores = self._executor.map([c for c, _ in missing], ranking)
             with tqdm(
                 scores,
                 total=len(missing),
@@ -341,10 +452,21 @@ class Evaluations:
                 disable=None if self._progress and len(missing) >= 2 else True,
                 leave=False,
             ) as bar:
-                for configuration, score in zip(missing, bar, strict=True):
-                    self._scores[configuration] = score
-            self.runs += len(missing)
+                for key, score in zip(missing, bar, strict=True):
+                    self._scores[key] = score
+            if ranking:
+                self.ranking_runs += len(missing)
+            else:
+                self.runs += len(missing)
         return [self._scores[c] for c in wanted]
+
+    def add(self, configuration: Configuration, score: ComparisonReport) -> None:
+        """Count in a whole run made elsewhere (the full plan, scored before the executor
+        existed to choose the ranking batches)."""
+        key = (frozenset(configuration), False)
+        if key not in self._scores:
+            self._scores[key] = score
+            self.runs += 1
 
     def one(self, configuration: Configuration) -> ComparisonReport:
         return self([configuration])[0]

@@ -2,30 +2,38 @@
 
 Start from the full plan. If it misses the target on the evaluation data, move nodes to
 the high precision (FP32, or FP16/BF16 with ``--high-precision``) in order of harm per
-multiply-accumulate, one per step, until the target holds; then try each of them back in
-INT8, least harmful first, and keep it there if the target still holds. Every step is
-one evaluation and is reported: the node, its precision, the fidelity and the coverage
-after it.
+multiply-accumulate, until the target holds: the shortest such prefix of the order,
+found by galloping (the 1, 2, 4, ... most harmful nodes, then halving the gap between the
+longest prefix that missed and the shortest that held). Then try each moved node back in
+INT8, least harmful first, and keep it there if the target still holds. Every step is one
+evaluation and is reported: the node (for a fall-back step, the last of its prefix), how
+many nodes are in high precision, the fidelity and the coverage after it.
 
 A node's harm is measured with only that node quantized, in the target's own terms
 (:meth:`Target.harm`): noise from independent nodes adds up in energy, so these figures
 add up to the full plan's, roughly, and harm per MAC ranks the nodes that buy the most
 fidelity for the least INT8 lost.
 
-Cost, for N quantized nodes (each evaluation: build the model, run the evaluation
-samples):
+Cost, for N quantized nodes of which k move (each evaluation: build the model, run the
+evaluation samples):
 
 * the full plan: 1 evaluation (nothing more if it meets the target);
 * every node in high precision: 1 (if that misses the target too, nothing can meet it:
   exit 3, naming the figure);
-* the sensitivity pass: N, in parallel on ``--workers``;
-* falling back: one per node moved, k <= N (with W workers, W prefixes are tried at
-  once: at most W - 1 more, the same steps);
-* bringing back: one per node moved, k, sequential (the first one is free: it is the
-  configuration before the last step).
+* the sensitivity pass: N, in parallel on ``--workers``, each on the ranking part of the
+  evaluation samples (the ones the full plan errs most on, within
+  :data:`~trtq.tune.evaluate.RANKING_MACS`: 16 of 64 MobileNet crops): it only orders the
+  nodes, and every step that decides whether the target holds runs every sample;
+* falling back: about 2 log2(k) (galloping, then bisection; the fidelity of a prefix grows
+  with its length nearly, not strictly, monotonically: where it does not, the prefix found
+  still meets the target and the next pass returns what it does not need);
+* bringing back: one per node moved, k, sequential (the first one is free when the last
+  fall-back step was the prefix one node shorter).
 
-So N + 2 + 2k evaluations, at most 3N + 2; growth is linear in the number of nodes, and
-the N evaluations of the sensitivity pass, the bulk, spread over the workers.
+So N + 2 + 2 log2(k) + k evaluations, at most 2N + 2 + 2 log2(N); growth is linear in the
+number of nodes, and the N evaluations of the sensitivity pass, the bulk, are the cheap
+ones and spread over the workers. The fall-back and bring-back steps run one at a time
+(each depends on the last), so the steps are the same whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -45,9 +53,11 @@ from trtq.report.compare import ComparisonReport, GateResult, evaluate_gates
 from trtq.tune.evaluate import (
     Configuration,
     Evaluations,
+    Evaluator,
     make_job,
     open_executor,
     score_json,
+    with_ranking,
     worst,
 )
 from trtq.tune.holdout import Evaluation, EvaluationOptions
@@ -123,8 +133,8 @@ class Budget:
     workers: int = 1
     providers: Sequence[str] | None = None
     progress: bool = False
-    #: Evaluate on a Ray cluster (True: a local instance, or its address); ``workers`` is
-    #: then how many fallback steps are tried at once.
+    #: Evaluate on a Ray cluster (True: a local instance, or its address): the sensitivity
+    #: pass spreads over its workers.
     ray: str | bool | None = None
 
     def split(
@@ -153,6 +163,7 @@ class Step:
     met: bool
     kept: bool  # False for a restore that broke the target, and was undone
     coverage: float  # share of the MACs quantized in the configuration evaluated
+    in_high_precision: int = 0  # nodes in high precision in the configuration evaluated
 
     def to_json(self) -> dict:
         node = self.node
@@ -165,6 +176,7 @@ class Step:
             "met": self.met,
             "kept": self.kept,
             "coverage": self.coverage,
+            "in_high_precision": self.in_high_precision,
             **score_json(self.score),
         }
 
@@ -182,7 +194,11 @@ class Search:
     #: Harm in isolation per node, most harmful per MAC first (empty if none was needed).
     harm: dict[str, float] = field(default_factory=dict)
     moved: list[str] = field(default_factory=list)
+    #: Evaluations on every evaluation sample (the steps)...
     evaluations: int = 0
+    #: ...and those of the sensitivity pass, on ``ranking_samples`` of them.
+    ranking_evaluations: int = 0
+    ranking_samples: int = 0
     workers: int = 1
     seconds: float = 0.0
 
@@ -195,6 +211,8 @@ class Search:
             "high_precision": self.high_precision,
             "moved": self.moved,
             "evaluations": self.evaluations,
+            "ranking_evaluations": self.ranking_evaluations,
+            "ranking_samples": self.ranking_samples,
             "workers": self.workers,
             "seconds": round(self.seconds, 3),
             "steps": [step.to_json() for step in self.steps],
@@ -227,6 +245,8 @@ def search(prepared: Prepared, evaluation: Evaluation, budget: Budget) -> Search
     quantized_macs = sum(d.macs for d in nodes.values())
     high = prepared.mixed.precision if prepared.mixed is not None else "fp32"
     job = make_job(prepared, evaluation, providers=budget.providers)
+    start, shares = Evaluator(job).shares(frozenset())
+    job = with_ranking(job, shares)
     low = job.precision
     found = Search(target, evaluation.description, low, high, plan, workers=budget.workers)
 
@@ -240,20 +260,25 @@ def search(prepared: Prepared, evaluation: Evaluation, budget: Budget) -> Search
         precision = None if node is None else (high if node in floats else low)
         decision = None if node is None else nodes[node]
         kept = met if action == "restore" else True
-        found.steps.append(Step(action, decision, precision, score, met, kept, coverage(floats)))
+        found.steps.append(
+            Step(action, decision, precision, score, met, kept, coverage(floats), len(floats))
+        )
         return met
 
     executor = open_executor(job, budget.workers, budget.ray)
-    with Evaluations(executor, progress=budget.progress) as evaluate:
+    partial = job.ranking is not None
+    with Evaluations(executor, progress=budget.progress, partial_ranking=partial) as evaluate:
         try:
             floats = frozenset()
-            if not step("start", None, floats, evaluate.one(floats)):
+            evaluate.add(floats, start)
+            if not step("start", None, floats, start):
                 _check_reachable(evaluate, frozenset(nodes), target, found, step)
-                found.harm = _ranking(evaluate, list(nodes), nodes, target)
-                floats = _fall_back(evaluate, list(found.harm), budget.workers, step)
+                found.harm, found.ranking_samples = _ranking(evaluate, list(nodes), nodes, target)
+                floats = _fall_back(evaluate, list(found.harm), step)
                 floats = _bring_back(evaluate, floats, list(found.harm), step)
         finally:
             found.evaluations = evaluate.runs
+            found.ranking_evaluations = evaluate.ranking_runs
             found.seconds = time.perf_counter() - started
     found.moved = [name for name in nodes if name in floats]
     found.plan = plan.with_float(floats, _reason(high, target), prepared.ranges, prepared.graph)
@@ -288,34 +313,41 @@ def _ranking(
     names: list[str],
     nodes: Mapping[str, qdq.NodeDecision],
     target: Target,
-) -> dict[str, float]:
-    """Harm of each node quantized alone, most harmful per MAC first (ties: graph order)."""
+) -> tuple[dict[str, float], int]:
+    """Harm of each node quantized alone, most harmful per MAC first (ties: graph order),
+    and the samples it was measured on (ranking runs)."""
     everything = frozenset(names)
-    scores = evaluate([everything - {name} for name in names])
+    scores = evaluate([everything - {name} for name in names], ranking=True)
     harm = {name: target.harm(score) for name, score in zip(names, scores, strict=True)}
     order = sorted(
         range(len(names)),
         key=lambda i: (-harm[names[i]] / max(nodes[names[i]].macs, 1), i),
     )
-    return {names[i]: harm[names[i]] for i in order}
+    return {names[i]: harm[names[i]] for i in order}, scores[0].samples
 
 
-def _fall_back(
-    evaluate: Evaluations, order: list[str], workers: int, step: Record
-) -> Configuration:
-    """Move nodes to high precision in ``order`` until the target holds.
+def _fall_back(evaluate: Evaluations, order: list[str], step: Record) -> Configuration:
+    """The shortest prefix of ``order`` that meets the target, in high precision (galloping,
+    then bisection: see the module docstring). The whole order is known to meet it."""
+    missed, held = 0, len(order)  # the longest prefix known to miss, the shortest to hold
+    length = 1
+    while length < held:  # galloping: 1, 2, 4, ... nodes
+        if _try_prefix(evaluate, order, length, step):
+            held = length
+        else:
+            missed, length = length, 2 * length
+    while held - missed > 1:  # bisection between the two
+        length = (missed + held) // 2
+        if _try_prefix(evaluate, order, length, step):
+            held = length
+        else:
+            missed = length
+    return frozenset(order[:held])
 
-    With several workers, the next ``workers`` prefixes of the order are evaluated at
-    once; the steps recorded are the same as one by one (up to the first that holds).
-    """
-    done = 0
-    while done < len(order):
-        ahead = [frozenset(order[: i + 1]) for i in range(done, min(done + workers, len(order)))]
-        for offset, score in enumerate(evaluate(ahead)):
-            if step("fall back", order[done + offset], ahead[offset], score):
-                return ahead[offset]
-        done += len(ahead)
-    raise RuntimeError("every node in high precision met the target before, but not now")
+
+def _try_prefix(evaluate: Evaluations, order: list[str], length: int, step: Record) -> bool:
+    configuration = frozenset(order[:length])
+    return step("fall back", order[length - 1], configuration, evaluate.one(configuration))
 
 
 def _bring_back(
@@ -333,11 +365,16 @@ def format_steps(found: dict) -> list[str]:
     """The search as text, from its JSON (``report["fallback"]``): one line per step."""
     moved = len(found["moved"])
     workers = found["workers"]
+    high = found["high_precision"].upper()
+    ranked = found.get("ranking_evaluations", 0)
+    ranking = (
+        f" and {ranked} of single nodes on {found['ranking_samples']} samples" if ranked else ""
+    )
     lines = [
         f"target {Target(**found['target']).describe()} on {found['data']}: "
         f"{moved} node{'' if moved == 1 else 's'} moved to {found['high_precision'].upper()}, "
-        f"{found['evaluations']} evaluation{'' if found['evaluations'] == 1 else 's'} in "
-        f"{found['seconds']:.1f} s "
+        f"{found['evaluations']} evaluation{'' if found['evaluations'] == 1 else 's'}"
+        f"{ranking} in {found['seconds']:.1f} s "
         f"({workers} worker{'' if workers == 1 else 's'})"
     ]
     for step in found["steps"]:
@@ -347,6 +384,8 @@ def format_steps(found: dict) -> list[str]:
         if step["node"] is not None:
             what += f" {step['node']} ({step['op']}, {step['macs']:,} MACs)"
             what += f" -> {step['precision'].upper()}"
+        if step["action"] == "fall back":
+            what += f" ({step.get('in_high_precision')} most harmful in {high})"
         verdict = "met" if step["met"] else "missed"
         if step["action"] == "restore":
             verdict += ", kept" if step["kept"] else ", undone"

@@ -37,9 +37,12 @@ class EvaluationWorker:
     def hello(self) -> WorkerInfo:
         return WorkerInfo.here()
 
-    def score(self, job: Sequence[Any], configuration: Configuration) -> ComparisonReport | Failure:
-        """The score of ``configuration``; ``job`` holds the job's object reference (in a
-        list, so that Ray hands over the reference and the worker fetches the job once)."""
+    def score(
+        self, job: Sequence[Any], configuration: Configuration, ranking: bool = False
+    ) -> ComparisonReport | Failure:
+        """The score of ``configuration`` (a ranking run if ``ranking``); ``job`` holds the
+        job's object reference (in a list, so that Ray hands over the reference and the
+        worker fetches the job once)."""
         try:
             if self._evaluator is None:
                 import ray
@@ -47,7 +50,7 @@ class EvaluationWorker:
                 self._evaluator = Evaluator(
                     dataclasses.replace(ray.get(job[0]), threads=self._threads)
                 )
-            return self._evaluator(configuration)
+            return self._evaluator(configuration, ranking)
         except UserError as error:
             return Failure.of(error)
 
@@ -64,9 +67,11 @@ class RayExecutor:
             self._cluster.close()
             raise
 
-    def map(self, configurations: Sequence[Configuration]) -> Iterator[ComparisonReport]:
-        """The scores of ``configurations``, in their order."""
-        tasks = ((index, self._score(c)) for index, c in enumerate(configurations))
+    def map(
+        self, configurations: Sequence[Configuration], ranking: bool = False
+    ) -> Iterator[ComparisonReport]:
+        """The scores of ``configurations``, in their order (ranking runs if ``ranking``)."""
+        tasks = ((index, self._score(c, ranking)) for index, c in enumerate(configurations))
         waiting: dict[int, ComparisonReport] = {}
         ready = 0
         for index, score in self._cluster.run(tasks):
@@ -75,8 +80,8 @@ class RayExecutor:
                 yield waiting.pop(ready)
                 ready += 1
 
-    def _score(self, configuration: Configuration) -> Callable[[Any], Any]:
-        return lambda actor: actor.score.remote(self._job, configuration)
+    def _score(self, configuration: Configuration, ranking: bool) -> Callable[[Any], Any]:
+        return lambda actor: actor.score.remote(self._job, configuration, ranking)
 
     def close(self) -> None:
         self._cluster.close()
